@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make book   builds the book (CPU-sized notebooks) into _build/html
+#   make test   runs every test: unit tests + pytest --nbval over notebooks/
+# Both create the virtual environment .venv on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Triton kernels run on the CPU through the interpreter wherever there is no GPU.
+export TRITON_INTERPRET ?= 1
+export MPLBACKEND ?= Agg
+export PYTHONHASHSEED ?= 0
+
+.PHONY: all book test test-unit test-notebooks venv clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . -W --keep-going
+	@echo "book written to _build/html/index.html"
+
+test: test-unit test-notebooks
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q -p no:randomly --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis

@@ -1,0 +1,101 @@
+"""The method registry: names, one-line formulas, options and their checks.
+
+This table is the single source of the method list: the public docstring, the book's method table and the
+option validation all read it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    formula: str
+    family: str  # "paper", "ablation: decomposition", "ablation: re-weighting", "baseline"
+    options: dict = field(default_factory=dict)  # option name -> default
+    normalised: bool = True  # rows of the weight matrix sum to 1
+
+
+_REWEIGHT = {"p": 15.0, "offset_rows": 3}
+
+_TABLE = [
+    Method("softmax", "softmax(q·k/√d)", "paper"),
+    Method("lssa", "ℓ1(softplus(ln d·ln N_i·q̂·k̂))", "paper"),
+    Method("lssar", "re-weight(LSSA): (N_i·A − O_i)₊^p, ℓ1", "paper", dict(_REWEIGHT)),
+    Method("softmax_reweight", "re-weight(softmax)", "ablation: re-weighting", dict(_REWEIGHT)),
+    Method("sigmoid_l1_reweight", "re-weight(ℓ1(σ(ln d·ln N_i·q̂·k̂)))", "ablation: re-weighting", dict(_REWEIGHT)),
+    *[
+        Method(f"{phi}_{'l1' if l1 else 'nol1'}", f"{'ℓ1(' if l1 else ''}{phi}(q·k/√d){')' if l1 else ''}",
+               "ablation: decomposition", normalised=l1)
+        for phi in ("exp", "softplus", "relu", "sigmoid") for l1 in (True, False)
+    ],
+    Method("sigmoid", "σ(q·k/√d − ln N_i)", "baseline", normalised=False),
+    Method("relu", "ReLU(q·k/√d) / N_i", "baseline", normalised=False),
+    Method("ssmax", "softmax(s·ln N_i·q·k/√d)", "baseline", {"s": 1.0}),
+    Method("linear", "ℓ1(φ(q)·φ(k)), φ = elu + 1", "baseline"),
+]
+
+REGISTRY: dict[str, Method] = {m.name: m for m in _TABLE}
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+FUSED_METHODS: tuple[str, ...] = ("lssa", "lssar")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "triton")
+
+
+def _check_p(p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"option p must be a real number >= 1, got {type(p).__name__} {p!r}")
+    if not math.isfinite(p) or p < 1:
+        raise ValueError(f"option p must be a finite number >= 1 (p = 1 with offset_rows = 0 is LSSA), got {p!r}")
+    return float(p)
+
+
+def _check_offset_rows(n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"option offset_rows must be a non-negative integer, got {type(n).__name__} {n!r}")
+    if n < 0:
+        raise ValueError(f"option offset_rows must be >= 0, got {n}")
+    return int(n)
+
+
+def _check_s(s):
+    if isinstance(s, torch.Tensor):
+        if not s.is_floating_point() or s.ndim > 1:
+            raise ValueError(f"option s must be a float or a floating tensor of shape [] or [H], got "
+                             f"{s.dtype} tensor of shape {tuple(s.shape)}")
+        return s
+    if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+        raise TypeError(f"option s must be a finite real number or a tensor of shape [H], got {s!r}")
+    return float(s)
+
+
+_CHECKS = {"p": _check_p, "offset_rows": _check_offset_rows, "s": _check_s}
+
+
+def resolve(method, options: dict) -> tuple[Method, dict]:
+    """Check ``method`` and its ``options``; return the method and the options with defaults filled in."""
+    if not isinstance(method, str) or method not in REGISTRY:
+        raise ValueError(f"unknown attention method {method!r}; valid methods: {', '.join(METHODS)}")
+    m = REGISTRY[method]
+    unknown = sorted(set(options) - set(m.options))
+    if unknown:
+        valid = ", ".join(m.options) if m.options else "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; valid options: {valid}")
+    resolved = dict(m.options)
+    for name, value in options.items():
+        resolved[name] = _CHECKS[name](value)
+    return m, resolved
+
+
+def method_table() -> str:
+    """The methods as a Markdown table (used by the docstring and the book)."""
+    rows = ["| method | weights | family | options (defaults) | rows sum to 1 |", "|---|---|---|---|---|"]
+    for m in _TABLE:
+        opts = ", ".join(f"`{k}={v}`" for k, v in m.options.items()) or "–"
+        rows.append(f"| `{m.name}` | {m.formula} | {m.family} | {opts} | {'yes' if m.normalised else 'no'} |")
+    return "\n".join(rows)

@@ -1,0 +1,226 @@
+"""Every attention method in plain PyTorch: the specification.
+
+Shapes: ``q`` is ``[B, H, Lq, D]``, ``k`` and ``v`` are ``[B, H, Lk, D]``. Query row ``i`` (0-based here,
+1-based in the paper) sees ``N_i`` keys:
+
+* non-causal: all ``Lk`` keys, ``N_i = Lk``;
+* causal: queries are aligned to the *last* ``Lq`` keys (bottom-right, what incremental decoding needs), so
+  query ``i`` sees keys ``j <= i + Lk - Lq`` and ``N_i = Lk - Lq + i + 1``.
+
+Everything here materialises the ``[Lq, Lk]`` weight matrix: it is short, readable and exact, not fast.
+Half-precision inputs are computed in float32 and the result is cast back; float64 inputs stay float64, so a
+float64 call *is* a float64 transcription of the formulas. No epsilon enters any normalisation (see the
+"Decisions" page of the book): every division is by a quantity that is provably positive, or guarded by an
+exact case split.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_counts(Lq: int, Lk: int, causal: bool, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``N_i``, the number of keys each query row sees, shape ``[Lq]`` (1-based counts)."""
+    if causal:
+        return torch.arange(Lk - Lq + 1, Lk + 1, device=device, dtype=dtype)
+    return torch.full((Lq,), float(Lk), device=device, dtype=dtype)
+
+
+def visible_mask(Lq: int, Lk: int, causal: bool, device=None) -> torch.Tensor | None:
+    """Boolean ``[Lq, Lk]`` mask of the keys each query sees (``None`` when every key is visible)."""
+    if not causal:
+        return None
+    i = torch.arange(Lq, device=device)[:, None] + (Lk - Lq)
+    j = torch.arange(Lk, device=device)[None, :]
+    return j <= i
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """ln(1 + e^x), exact and overflow-free for every x (no threshold, unlike ``F.softplus``)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+POSITIVITY_MAPS = {
+    "exp": torch.exp,
+    "softplus": softplus,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+}
+"""The positivity maps φ of the decomposition ablation."""
+
+
+def dot_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The usual scores q·k/√d, ``[B, H, Lq, Lk]``."""
+    return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def length_scale(N: torch.Tensor, d: int) -> torch.Tensor:
+    """c_i = ln(d)·ln(N_i), the entropy-invariance scale of LSSA (natural logs)."""
+    return math.log(d) * torch.log(N)
+
+
+def lss_scores(q: torch.Tensor, k: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """LSSA scores s_ij = ln(d)·ln(N_i)·q̂_i·k̂_j with q, k on the unit sphere (no 1/√d).
+
+    A zero vector has no direction; ``F.normalize`` maps it to 0 (its 1e-12 clamp changes nothing for any
+    vector of norm above 1e-12).
+    """
+    qh = F.normalize(q, dim=-1)
+    kh = F.normalize(k, dim=-1)
+    return length_scale(N, q.shape[-1])[:, None] * (qh @ kh.transpose(-1, -2))
+
+
+def mask_fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Tensor:
+    """``x`` with the invisible positions set to ``value``."""
+    return x if mask is None else x.masked_fill(~mask, value)
+
+
+def masked_softmax(s: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over visible keys. ``torch.softmax`` subtracts the row maximum, so it never overflows."""
+    return torch.softmax(mask_fill(s, mask, float("-inf")), dim=-1)
+
+
+def l1_normalise(f: torch.Tensor) -> torch.Tensor:
+    """Row-wise ℓ1 normalisation of non-negative weights: A_ij = f_ij / Σ_k f_ik.
+
+    A row whose weights are all exactly zero (only possible with φ = relu, or when exp underflows) has no
+    distribution to normalise; it is returned as zeros, so its output is 0. No epsilon: the division is
+    guarded by an exact case split (and stays NaN-free in backward).
+    """
+    Z = f.sum(dim=-1, keepdim=True)
+    pos = Z > 0
+    return torch.where(pos, f / torch.where(pos, Z, torch.ones_like(Z)), torch.zeros_like(f))
+
+
+def reweight(A: torch.Tensor, N: torch.Tensor, p: float, offset_rows: int) -> torch.Tensor:
+    """The re-weighting stage of LSSAR, applied to ℓ1-normalised weights ``A`` ``[..., Lq, Lk]``.
+
+    x_ij = N_i·A_ij − O_i (O_i = 0 for rows with N_i ≤ offset_rows, else 1), r = ReLU(x)^p, P = r / Σ r.
+
+    Computed exactly and overflow-free by dividing x by its row maximum M_i before the power:
+    (ReLU(x)/M)^p ∈ [0, 1] and the row sum is ≥ 1. P does not depend on M, so M is detached (its gradient
+    contribution is exactly zero). A row with M_i ≤ 0 (only an exactly uniform row with O_i = 1) keeps ``A``.
+    Invisible keys must have A = 0 there, which gives x ≤ 0 and weight 0.
+    """
+    N = N[:, None]
+    O = (N > offset_rows).to(A.dtype)
+    x = N * A - O
+    M = x.amax(dim=-1, keepdim=True).detach()
+    ok = M > 0
+    u = (torch.relu(x) / torch.where(ok, M, torch.ones_like(M))) ** p
+    U = u.sum(dim=-1, keepdim=True)
+    return torch.where(ok, u / torch.where(ok, U, torch.ones_like(U)), A)
+
+
+def elu_feature(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = elu(x) + 1 > 0, the feature map of linear attention (Katharopoulos et al. 2020)."""
+    return F.elu(x) + 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# The methods: each maps (q, k, N, mask, options) to the weight matrix [B, H, Lq, Lk]
+# --------------------------------------------------------------------------------------------------------
+
+
+def _softmax(q, k, N, mask):
+    return masked_softmax(dot_scores(q, k), mask)
+
+
+def _ssmax(q, k, N, mask, s=1.0):
+    # Scalable-Softmax: softmax(s·ln(N_i)·q·k/√d); s is a scalar or one value per head.
+    s = torch.as_tensor(s, dtype=q.dtype, device=q.device)
+    s = s.reshape(1, -1, 1, 1) if s.ndim == 1 else s
+    return masked_softmax(s * torch.log(N)[:, None] * dot_scores(q, k), mask)
+
+
+def _lssa(q, k, N, mask):
+    f = mask_fill(softplus(lss_scores(q, k, N)), mask, 0.0)
+    return l1_normalise(f)
+
+
+def _lssar(q, k, N, mask, p=15.0, offset_rows=3):
+    return reweight(_lssa(q, k, N, mask), N, p, offset_rows)
+
+
+def _softmax_reweight(q, k, N, mask, p=15.0, offset_rows=3):
+    return reweight(_softmax(q, k, N, mask), N, p, offset_rows)
+
+
+def _sigmoid_l1_reweight(q, k, N, mask, p=15.0, offset_rows=3):
+    # The paper's "Sigmoid + ℓ1 + re-weighting" ablation: LSSAR with σ in place of softplus.
+    f = mask_fill(torch.sigmoid(lss_scores(q, k, N)), mask, 0.0)
+    return reweight(l1_normalise(f), N, p, offset_rows)
+
+
+def _sigmoid(q, k, N, mask):
+    # Sigmoid attention: σ(q·k/√d − ln N_i), no normalisation.
+    return mask_fill(torch.sigmoid(dot_scores(q, k) - torch.log(N)[:, None]), mask, 0.0)
+
+
+def _relu(q, k, N, mask):
+    # ReLU attention: ReLU(q·k/√d) / N_i.
+    return mask_fill(torch.relu(dot_scores(q, k)) / N[:, None], mask, 0.0)
+
+
+def _linear(q, k, N, mask):
+    # Linear attention: weights φ(q_i)·φ(k_j), ℓ1-normalised (the weights are > 0, so Z > 0).
+    w = mask_fill(elu_feature(q) @ elu_feature(k).transpose(-1, -2), mask, 0.0)
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def _phi(name: str, l1: bool):
+    phi = POSITIVITY_MAPS[name]
+
+    def weights(q, k, N, mask):
+        s = dot_scores(q, k)
+        if l1 and name == "exp":
+            return masked_softmax(s, mask)  # exp then ℓ1 *is* softmax; computed max-shifted so it cannot overflow
+        f = mask_fill(phi(s), mask, 0.0)
+        return l1_normalise(f) if l1 else f
+
+    return weights
+
+
+WEIGHT_FUNCTIONS = {
+    "softmax": _softmax,
+    "lssa": _lssa,
+    "lssar": _lssar,
+    "softmax_reweight": _softmax_reweight,
+    "sigmoid_l1_reweight": _sigmoid_l1_reweight,
+    "sigmoid": _sigmoid,
+    "relu": _relu,
+    "ssmax": _ssmax,
+    "linear": _linear,
+    **{f"{m}_{'l1' if l1 else 'nol1'}": _phi(m, l1) for m in POSITIVITY_MAPS for l1 in (True, False)},
+}
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: bool, **options) -> torch.Tensor:
+    """The weight matrix ``[B, H, Lq, Lk]`` of ``method``, computed in ``compute_dtype(q.dtype)``.
+
+    No input checking here: :func:`freeatten_core.attention_weights` validates and then calls this.
+    """
+    ct = compute_dtype(q.dtype)
+    q, k = q.to(ct), k.to(ct)
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    N = row_counts(Lq, Lk, causal, device=q.device, dtype=ct)
+    mask = visible_mask(Lq, Lk, causal, device=q.device)
+    return WEIGHT_FUNCTIONS[method](q, k, N, mask, **options)
+
+
+def attention(q, k, v, method: str, causal: bool, **options) -> torch.Tensor:
+    """o = W·v with W from :func:`attention_weights`; the result has the dtype of ``q``."""
+    w = attention_weights(q, k, method, causal, **options)
+    return (w @ v.to(w.dtype)).to(q.dtype)
