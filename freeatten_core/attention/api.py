@@ -75,7 +75,7 @@ def attention(q, k, v, method: str = "lssar", causal: bool = True, backend: str 
                                                                          f"fused kernel (those do: "
                                                                          f"{', '.join(FUSED_METHODS)})")
         if kernels is not None:
-            why = kernels.unsupported_reason(q, k, v)
+            why = kernels.unsupported_reason(q, k, v, explicit=backend == "triton")
             if why is None:
                 return kernels.attention(q, k, v, method=m.name, causal=causal, **opts)
         if backend == "triton":
