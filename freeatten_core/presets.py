@@ -1,0 +1,55 @@
+"""Named run sizes: one place that says how big a model, how long a run and how far the evaluation goes.
+
+* ``ci``: CPU, 2 cores. Byte-level Shakespeare, L = 64, a ~0.4M-parameter model; one model trains in well under
+  a minute; evaluation up to 16 x 64 = 1024 tokens. This is what the book's notebooks execute.
+* ``gpu``: one H100. GPT-2 BPE Shakespeare, L = 256, 6 layers x 384 wide (~30M parameters with the tied
+  50257-token embedding, ~11M without), ~10 minutes per model at bf16; evaluation up to 16 x 256 = 4096 tokens.
+  Shakespeare is small (1.4M BPE training tokens), so this run sees the data many times: dropout 0.1 is on,
+  and the validation loss at 1x is not a language-modelling benchmark, only the reference for the longer
+  lengths.
+* ``paper``: GPT-2 small (124M), L = 1024, FineWeb-Edu shards, the GPT-2/FineWeb recipe (AdamW
+  beta = (0.9, 0.95), lr 6e-4 cosine to 6e-5, 715 warm-up steps, weight decay 0.1, 524,288 tokens per step
+  = 8 GPUs x 64 x 1024, 18,865 steps). For ``torchrun --nproc_per_node 8``.
+
+A preset is a plain dict of :class:`~freeatten_core.train.TrainConfig` fields (plus the model fields under
+``"model"``); every field can be overridden from the command line or from Python.
+"""
+
+from __future__ import annotations
+
+import copy
+
+PRESETS: dict[str, dict] = {
+    "ci": dict(
+        corpus="shakespeare", tokenizer="byte", device="cpu",
+        model=dict(block_size=64, n_layer=2, n_head=4, n_embd=128, dropout=0.0),
+        batch_size=32, grad_accum=1, max_steps=300, warmup_steps=30,
+        lr=3e-3, min_lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+        eval_factors=(1, 2, 4, 8, 16), eval_windows=16, eval_batch_size=16,
+        ckpt_interval=100, log_interval=10, compile=False,
+    ),
+    "gpu": dict(
+        corpus="shakespeare", tokenizer="gpt2", device="cuda",
+        model=dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.1),
+        batch_size=64, grad_accum=1, max_steps=3000, warmup_steps=200,
+        lr=1e-3, min_lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+        eval_factors=(1, 2, 4, 8, 16), eval_windows=64, eval_batch_size=8,
+        ckpt_interval=500, log_interval=50, compile=False,
+    ),
+    "paper": dict(
+        corpus="fineweb", tokenizer="gpt2", device="cuda",
+        model=dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0),
+        batch_size=64, grad_accum=1,  # x 8 GPUs x 1024 tokens = 524,288 tokens per step
+        max_steps=18865, warmup_steps=715,
+        lr=6e-4, min_lr=6e-5, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+        eval_factors=(1, 2, 4, 8, 16), eval_windows=64, eval_batch_size=1,
+        ckpt_interval=1000, log_interval=10, compile=True,
+    ),
+}
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of preset ``name`` (raises with the valid names)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
