@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Triton kernels run on the CPU through the interpreter wherever there is no GPU.
 export TRITON_INTERPRET ?= 1
-export MPLBACKEND ?= Agg
+
 export PYTHONHASHSEED ?= 0
 
 .PHONY: all book test test-unit test-notebooks venv clean

@@ -124,11 +124,6 @@ def reweight(A: torch.Tensor, N: torch.Tensor, p: float, offset_rows: int) -> to
     return torch.where(ok, u / torch.where(ok, U, torch.ones_like(U)), A)
 
 
-def elu_feature(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x) + 1 > 0, the feature map of linear attention (Katharopoulos et al. 2020)."""
-    return F.elu(x) + 1
-
-
 # --------------------------------------------------------------------------------------------------------
 # The methods: each maps (q, k, N, mask, options) to the weight matrix [B, H, Lq, Lk]
 # --------------------------------------------------------------------------------------------------------
@@ -175,9 +170,24 @@ def _relu(q, k, N, mask):
 
 
 def _linear(q, k, N, mask):
-    # Linear attention: weights φ(q_i)·φ(k_j), ℓ1-normalised (the weights are > 0, so Z > 0).
-    w = mask_fill(elu_feature(q) @ elu_feature(k).transpose(-1, -2), mask, 0.0)
-    return w / w.sum(dim=-1, keepdim=True)
+    # Linear attention: weights φ(q_i)·φ(k_j), ℓ1-normalised. φ = e^x for x <= 0 underflows for very negative
+    # inputs, so each feature vector is divided by its largest entry (per query row, and one constant for all
+    # keys): both factors cancel exactly in the ℓ1 normalisation.
+    lq, lk = torch.where(q > 0, torch.log1p(q.clamp_min(0)), q), torch.where(k > 0, torch.log1p(k.clamp_min(0)), k)
+    fq = torch.exp(lq - lq.amax(dim=-1, keepdim=True).detach())
+    fk = torch.exp(lk - lk.amax(dim=(-1, -2), keepdim=True).detach())
+    return l1_normalise(mask_fill(fq @ fk.transpose(-1, -2), mask, 0.0))
+
+
+def log_softplus(x: torch.Tensor) -> torch.Tensor:
+    """ln(softplus(x)) without underflow: below x = −40, softplus(x) = e^x·(1 − e^x/2 + …), so ln is x."""
+    low = x < -40
+    return torch.where(low, x, torch.log(softplus(torch.where(low, torch.zeros_like(x), x))))
+
+
+LOG_POSITIVITY_MAPS = {"exp": lambda x: x, "softplus": log_softplus, "sigmoid": F.logsigmoid}
+"""ln φ for the maps that are positive everywhere: ℓ1(φ(s)) = softmax(ln φ(s)) exactly, and this form
+cannot overflow or underflow (e^s, softplus and σ of a score below about −100 underflow in float32)."""
 
 
 def _phi(name: str, l1: bool):
@@ -185,8 +195,8 @@ def _phi(name: str, l1: bool):
 
     def weights(q, k, N, mask):
         s = dot_scores(q, k)
-        if l1 and name == "exp":
-            return masked_softmax(s, mask)  # exp then ℓ1 *is* softmax; computed max-shifted so it cannot overflow
+        if l1 and name in LOG_POSITIVITY_MAPS:  # for exp this *is* softmax
+            return masked_softmax(LOG_POSITIVITY_MAPS[name](s), mask)
         f = mask_fill(phi(s), mask, 0.0)
         return l1_normalise(f) if l1 else f
 

@@ -1,0 +1,85 @@
+"""Analysis tools: statistics of attention rows, and the entropy-versus-length measurement.
+
+All weights come from :func:`freeatten_core.attention_weights`; nothing here re-implements a method.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention_weights
+
+
+def row_entropy(w: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy −Σ_j w_ij ln w_ij (nats) of each row of ``w`` [..., Lk] (0·ln 0 = 0)."""
+    logw = torch.log(torch.where(w > 0, w, torch.ones_like(w)))
+    return -(w * logw).sum(-1)
+
+
+def max_weight(w: torch.Tensor) -> torch.Tensor:
+    """The largest weight of each row."""
+    return w.amax(-1)
+
+
+def mass_above_uniform(w: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_ij over the keys with w_ij > 1/N, where N is the row length (non-causal rows)."""
+    return (w * (w > 1.0 / w.shape[-1])).sum(-1)
+
+
+def needle_inputs(n_keys: int, d: int, n_queries: int, cos: float | None, seed: int = 0, away: float = 0.0):
+    """Random Gaussian queries and keys ``[1, 1, L, d]`` (float64); if ``cos`` is given, key 0 is a *needle*:
+    a key whose cosine similarity with every query is exactly ``cos`` and whose norm is that of a typical key.
+    ``away > 0`` (needle setting only) moves the other keys by ``-away·√d·q̂``: distractors that point away
+    from the query (mean cosine about ``-away/√(1+away²)``).
+
+    ``cos=None`` gives the "comparable scores" setting (all keys alike), where a well-behaved attention should
+    spread out; with a needle it should keep its focus however many distractors surround it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, n_queries, d, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, n_keys, d, generator=g, dtype=torch.float64)
+    if cos is not None:
+        if n_queries != 1:
+            raise ValueError("a needle with an exact cosine needs n_queries=1")
+        qh = F.normalize(q[0, 0, 0], dim=0)
+        r = torch.randn(d, generator=g, dtype=torch.float64)
+        r = F.normalize(r - (r @ qh) * qh, dim=0)  # orthogonal to q
+        k[0, 0, 1:] -= away * math.sqrt(d) * qh
+        k[0, 0, 0] = math.sqrt(d) * (cos * qh + math.sqrt(1 - cos**2) * r)
+    return q, k
+
+
+def entropy_vs_length(methods: dict, lengths, d: int = 64, n_queries: int = 32, cos: float | None = None,
+                      away: float = 0.0, trials: int = 1, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Measure row statistics of each method as the number of keys N grows.
+
+    ``methods`` maps a label to ``(method, options)``. Rows are non-causal with exactly N keys each, so every
+    row has N_i = N. Returns one record per (label, N) with the mean entropy (nats), the entropy divided by
+    ln N (1 = uniform), the largest weight, the mass above uniform and, with a needle, the needle's weight.
+    ``cos``/``away``: see :func:`needle_inputs`; statistics are averaged over ``trials`` random draws.
+    """
+    from tqdm import tqdm
+
+    records = []
+    nq = 1 if cos is not None else n_queries
+    for n in tqdm(list(lengths), desc="lengths", disable=not progress):
+        stats = {}
+        for t in range(trials):
+            q, k = needle_inputs(n, d, nq, cos, seed=seed + 7919 * t + n, away=away)
+            for label, (method, options) in methods.items():
+                w = attention_weights(q, k, method=method, causal=False, **options)[0, 0]  # [nq, N]
+                row = dict(entropy=row_entropy(w).mean().item(), max_weight=max_weight(w).mean().item(),
+                           mass_above_uniform=mass_above_uniform(w).mean().item())
+                if cos is not None:
+                    row["needle_weight"] = w[:, 0].mean().item()
+                acc = stats.setdefault(label, {key: 0.0 for key in row})
+                for key, value in row.items():
+                    acc[key] += value / trials
+        for label, acc in stats.items():
+            rec = dict(label=label, method=methods[label][0], N=n, **acc)
+            rec["entropy_over_lnN"] = rec["entropy"] / math.log(n) if n > 1 else float("nan")
+            records.append(rec)
+    return records
