@@ -193,7 +193,7 @@ def lssa_fwd_kernel(
             vis = m_i[:, None] & m_j[None, :]
             if CAUSAL:
                 vis = vis & (o_j[None, :] <= off + o_i[:, None])
-            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
+            b_y = tl.where(vis, tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), 0.0)
             b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
             b_u = tl.where(vis, b_u, 0.0)  # [BM, BN]
             b_U += tl.sum(b_u, 1)
@@ -276,8 +276,8 @@ def lssa_bwd_dq_kernel(
         b_dp = _dot(b_do, b_vt, PV_DT) - b_delta[:, None]  # [BM, BN] dP − D
         b_sig = tl.where(vis, b_sig, 0.0)
         if REWEIGHT:
-            b_y = b_a[:, None] * b_f - b_b[:, None]
-            pos = vis & (b_y > 0)
+            b_y = tl.where(vis, b_a[:, None] * b_f - b_b[:, None], 0.0)
+            pos = b_y > 0
             b_g = _pow(tl.maximum(b_y, 0.0), P - 1.0, PM1_INT)
             b_t = tl.where(ok[:, None], tl.where(pos, b_pa[:, None] * b_g * b_dp, 0.0),
                            tl.where(vis, b_dp * b_iz[:, None], 0.0))
@@ -347,8 +347,8 @@ def lssa_bwd_dkdv_kernel(
             b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
             b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=0.0)
             ok = b_a > 0
-            b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            pos = vis & (b_y > 0)
+            b_y = tl.where(vis, tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0), 0.0)
+            pos = b_y > 0
             b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); y^p = y^(p−1)·y
             b_p = tl.where(ok[None, :], tl.where(pos, b_g * b_y / b_U[None, :], 0.0),
                            tl.where(vis, b_f * b_iz[None, :], 0.0))
@@ -406,12 +406,13 @@ def _scale(Lq: int, Lk: int, D: int, causal: bool, device) -> torch.Tensor:
 
 def lssa_fwd(qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
     """Forward launch. qh, kh: unit vectors [B, H, Lq|Lk, D] (float32 or float16), v [B, H, Lk, D].
-    Returns o [B, H, Lq, D] in v's dtype, stats [4, B·H, Lq] float32 and c [Lq]."""
+    Returns o [B, H, Lq, D] in float32 (the backward's D_i = dO_i·o_i needs it unrounded: with p = 15 an error
+    in D_i is amplified p-fold, and a bfloat16 o costs 2e-2 in the gradients), stats [4, B·H, Lq] float32, c."""
     B, H, Lq, D = qh.shape
     Lk = kh.shape[2]
-    qh, kh, v = qh.contiguous(), kh.contiguous(), v.contiguous()
+    assert qh.is_contiguous() and kh.is_contiguous() and v.is_contiguous(), "lssa_fwd needs contiguous inputs"
     c = _scale(Lq, Lk, D, causal, qh.device)
-    o = _new((B, H, Lq, D), v.dtype, qh.device)
+    o = _new((B, H, Lq, D), torch.float32, qh.device)
     stats = _new((4, B * H, Lq), torch.float32, qh.device)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
     t = _tiles(D, "fwd")
@@ -430,6 +431,7 @@ def lssa_bwd(qh, kh, v, o, do, stats, c, reweight: bool, causal: bool, p: float,
     Returns dq̂, dk̂ (float32) and dv (v's dtype)."""
     B, H, Lq, D = qh.shape
     Lk = kh.shape[2]
+    assert qh.is_contiguous() and kh.is_contiguous() and v.is_contiguous(), "lssa_bwd needs contiguous inputs"
     do = do.contiguous()
     dev = qh.device
     dq = _new((B, H, Lq, D), torch.float32, dev)
@@ -460,11 +462,11 @@ class LSSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
         kdt = torch.float32 if v.dtype == torch.float32 else torch.float16  # see the module docstring
-        qs, ks = qh.to(kdt), kh.to(kdt)
+        qs, ks, v = qh.to(kdt).contiguous(), kh.to(kdt).contiguous(), v.contiguous()
         o, stats, c = lssa_fwd(qs, ks, v, reweight, causal, p, offset_rows)
         ctx.save_for_backward(qs, ks, v, o, stats, c)
         ctx.args = (reweight, causal, p, offset_rows)
-        return o
+        return o.to(v.dtype)
 
     @staticmethod
     def backward(ctx, do):

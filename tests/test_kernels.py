@@ -1,0 +1,277 @@
+"""Fused Triton kernels (LSSA / LSSAR, forward and backward) against the float64 reference.
+
+On a CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by the Makefile and CI; set
+here as a default too, which only helps when this module is the first to import the kernels). With CUDA and
+without the interpreter, the same tests run on the GPU, plus a GPU section at larger sizes in half precision.
+
+Every launch writes into buffers poisoned with NaN (``poison_outputs``), so a position the kernel forgets to
+write fails the test. Errors are fla-style relative errors: RMS(x − ref) / RMS(ref), against the reference
+computed in float64 on the very same (possibly half-rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import freeatten_core  # noqa: E402
+from freeatten_core.attention import reference  # noqa: E402
+from freeatten_core.attention import triton_kernels as tk  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and not tk.INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# Relative-error thresholds (RMS error / RMS of the float64 reference), per input dtype: (output, gradients).
+# Interpreter: every operation is float32, so float32 inputs are checked tightly. Half-precision inputs add two
+# roundings: the output to the input dtype, and the unit vectors q̂, k̂ to float16 (the kernels' storage for
+# them, on the GPU as here). LSSAR with p = 15 amplifies a score error ~p-fold in its sharp rows, which at
+# these tiny lengths makes 1e-2 in dq/dk (measured: up to 1.1e-2 at L = 17; 2e-3 at L = 257); hence 1.5e-2.
+# GPU: tensor-core dots in float16/bfloat16 (issue 4: bf16 outputs and gradients within 1e-2 at real sizes).
+TOL = {
+    torch.float32: (2e-5, 1e-4) if not ON_GPU else (1e-4, 5e-4),
+    torch.float16: (5e-3, 1.5e-2),
+    torch.bfloat16: (5e-3, 1.5e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    if not ON_GPU and not tk.INTERPRET:
+        pytest.fail("no CUDA device and TRITON_INTERPRET is not 1: run the tests with TRITON_INTERPRET=1 set "
+                    "before freeatten_core is imported (the Makefile does)")
+    with tk.poison_outputs():
+        yield
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """fla-style relative error RMS(x − ref) / RMS(ref) in float64 (the absolute RMS error when ref is 0)."""
+    x, ref = x.double(), ref.double()
+    err = (x - ref).square().mean().sqrt().item()
+    base = ref.square().mean().sqrt().item()
+    return err / base if base > 0 else err
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(x).all(), f"{name}: {(~torch.isfinite(x)).sum().item()} non-finite values"
+    e = rel_err(x, ref)
+    assert e <= tol, f"{name}: relative error {e:.2e} > {tol:.0e}"
+
+
+def make_inputs(B, H, Lq, Lk, D, dtype, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, L, D, generator=g) for L in (Lq, Lk, Lk, Lq))
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v, do)]
+
+
+def run_kernel(q, k, v, do, method, causal, **opts):
+    """Output and (dq, dk, dv) of the fused kernels, through the public API with backend='triton'."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = freeatten_core.attention(q, k, v, method=method, causal=causal, backend="triton", **opts)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def run_reference(q, k, v, do, method, causal, **opts):
+    """The same in float64 with the reference (the specification), on the same (rounded) input values."""
+    q, k, v = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    o = reference.attention(q, k, v, method, causal, **opts)
+    o.backward(do.double().cpu())
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def check(q, k, v, do, method, causal, tol=None, **opts):
+    tol_o, tol_g = tol or TOL[q.dtype]
+    got = run_kernel(q, k, v, do, method, causal, **opts)
+    ref = run_reference(q, k, v, do, method, causal, **opts)
+    assert got[0].dtype == q.dtype, f"output dtype {got[0].dtype} != input dtype {q.dtype}"
+    for name, x, r, t in zip(("o", "dq", "dk", "dv"), got, ref, (tol_o, tol_g, tol_g, tol_g)):
+        assert x.dtype == q.dtype, f"{name} has dtype {x.dtype}, expected {q.dtype}"
+        assert_close(name, x.cpu(), r, t)
+    return got, ref
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shapes: every length of the issue, Lq < Lk, B and H > 1, head dims 32/64/128, causal on and off
+# --------------------------------------------------------------------------------------------------------
+SHAPES = [  # (B, H, Lq, Lk, D)
+    (2, 3, 1, 1, 32),
+    (2, 2, 2, 2, 64),
+    (1, 3, 3, 3, 128),
+    (2, 2, 4, 4, 32),
+    (3, 2, 5, 5, 64),
+    (2, 2, 17, 17, 32),
+    (1, 2, 100, 100, 128),
+    (2, 2, 257, 257, 64),
+    (2, 2, 3, 100, 32),  # Lq < Lk: queries aligned to the last keys
+    (1, 2, 17, 257, 64),
+    (2, 1, 100, 129, 128),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}q{}k{}d{}".format(*s))
+def test_forward_backward_fp32(shape, method, causal):
+    B, H, Lq, Lk, D = shape
+    check(*make_inputs(B, H, Lq, Lk, D, torch.float32, seed=Lq * 7 + Lk), method, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("shape", [(2, 2, 17, 17, 32), (1, 2, 100, 130, 64), (1, 1, 5, 5, 128)],
+                         ids=lambda s: "B{}H{}q{}k{}d{}".format(*s))
+def test_half_precision(shape, method, dtype):
+    B, H, Lq, Lk, D = shape
+    check(*make_inputs(B, H, Lq, Lk, D, dtype, seed=3), method, causal=True)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.5, 3.0, 100.0], ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("offset_rows", [0, 3, 10])
+def test_lssar_options(p, offset_rows):
+    # integer p by square-and-multiply (1, 3), general p by exp2/log2 (2.5, and 100 > MAX_INT_P);
+    # offset_rows = 10 puts the O = 0 / O = 1 boundary inside the first tile
+    check(*make_inputs(2, 2, 33, 40, 32, torch.float32, seed=int(p * 10) + offset_rows), "lssar", True,
+          p=p, offset_rows=offset_rows)
+
+
+def test_p1_without_offset_is_lssa():
+    # p = 1 with O_i = 0 on every row gives back LSSA: P = ReLU(N·A)/Σ = A. (O_i = 0 needs N_i <= offset_rows
+    # for every row, i.e. offset_rows >= Lk; offset_rows = 0 means O_i = 1 everywhere.)
+    q, k, v, do = make_inputs(2, 2, 40, 40, 64, torch.float32, seed=11)
+    lssa = run_kernel(q, k, v, do, "lssa", True)
+    lssar = run_kernel(q, k, v, do, "lssar", True, p=1.0, offset_rows=40)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), lssar, lssa):
+        assert_close(name, a, b, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Edge rows
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("case", ["equal_keys", "zero_query"])
+def test_exactly_uniform_rows(method, case):
+    """Every key equal (or every query zero): each row's weights are exactly uniform, so M_i <= 0 where O_i = 1
+    and LSSAR keeps the LSSA weights. The exact output is the running mean of v, and dv_j = Σ_{i >= j} dO_i/N_i.
+
+    Compared with the exact values, not the reference: for equal keys the float64 reference's matmul can round
+    a few scores of a row differently (1e-16), and LSSAR, discontinuous at a uniform row, then sharpens that
+    noise (the float64 reference is off by up to 1.9 on such rows). For the same reason LSSAR's dq/dk are not
+    defined on these rows; LSSA's are, and are compared with the reference (dq of a zero query is not: the
+    normalisation of a zero vector has no gradient).
+    """
+    L = 70
+    q, k, v, do = make_inputs(2, 2, L, L, 32, torch.float32, seed=5)
+    if case == "equal_keys":
+        k = k[:, :, :1].expand_as(k).contiguous()
+    else:
+        q = torch.zeros_like(q)
+    o, dq, dk, dv = run_kernel(q, k, v, do, method, True)
+    n = torch.arange(1, L + 1, device=v.device, dtype=torch.float64)[:, None]
+    assert_close("o vs running mean of v", o, v.double().cumsum(2) / n, 1e-5)
+    dv_exact = (do.double() / n).flip(2).cumsum(2).flip(2)
+    assert_close("dv vs exact", dv, dv_exact, 1e-5)
+    if method == "lssa":
+        ref = run_reference(q, k, v, do, method, True)
+        assert_close("dk", dk.cpu(), ref[2], 1e-4)
+        if case == "equal_keys":  # dq̂ = c·k̂·Σ_j dS_ij = 0 exactly: the uniform row's gradient cancels
+            assert dq.abs().max().item() < 1e-5 * dk.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sharply_peaked_long_row_no_overflow(dtype):
+    # one key parallel to q, every other key anti-parallel: f ≈ e^-35 for all but one key, so the largest
+    # x = N·A − 1 ≈ N − 1 = 4095 and x^15 ≈ 1e54 would overflow even float32; the max-normalised power cannot
+    B, H, Lq, Lk, D = 1, 2, 4, 4096, 64
+    q, k, v, do = make_inputs(B, H, Lq, Lk, D, torch.float32, seed=7)
+    q = q[:, :, :1].expand_as(q).contiguous()
+    k = -q[:, :, :1].expand(B, H, Lk, D).contiguous() + 0.01 * k
+    k[:, :, 1000] = q[:, :, 0]
+    q, k, v, do = (t.to(dtype) for t in (q, k, v, do))
+    (o, *_), _ = check(q, k, v, do, "lssar", False, p=15.0)
+    assert_close("o vs the peaked key's value", o, v[:, :, 1000:1001].expand_as(o), 1e-3)
+
+
+def test_first_rows_ln_n_zero():
+    # causal Lq = Lk: row 0 sees one key, c_0 = ln d·ln 1 = 0, so o_0 = v_0 and dq_0 = 0 exactly
+    q, k, v, do = make_inputs(2, 2, 9, 9, 32, torch.float32, seed=9)
+    for method in ("lssa", "lssar"):
+        (o, dq, dk, dv), _ = check(q, k, v, do, method, True)
+        assert_close("o_0 vs v_0", o[:, :, 0], v[:, :, 0], 1e-6)
+        assert torch.equal(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]))
+
+
+def test_strided_inputs():
+    # non-contiguous inputs (a transposed [B, L, H, D] layout, as a model produces them)
+    q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_inputs(2, 3, 20, 20, 32,
+                                                                                         torch.float32))
+    assert not q.is_contiguous()
+    check(q, k, v, do, "lssar", True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dispatch and clear errors
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    q, k, v, _ = make_inputs(1, 1, 8, 8, 48, torch.float32)
+    assert "head dim 48" in tk.unsupported_reason(q, k, v, explicit=True)
+    with pytest.raises(ValueError, match="head dim 48"):
+        freeatten_core.attention(q, k, v, method="lssar", backend="triton")
+    # auto falls back to the reference for it
+    ref = reference.attention(q, k, v, "lssar", True)
+    assert torch.equal(freeatten_core.attention(q, k, v, method="lssar", backend="auto"), ref)
+
+
+def test_float64_is_a_clear_error():
+    q, k, v, _ = make_inputs(1, 1, 8, 8, 32, torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        freeatten_core.attention(q, k, v, method="lssa", backend="triton")
+
+
+def test_auto_on_cpu_uses_the_reference():
+    q, k, v, _ = make_inputs(1, 2, 8, 8, 32, torch.float32, device="cpu")
+    assert "CUDA" in tk.unsupported_reason(q, k, v, explicit=False)
+    out = freeatten_core.attention(q, k, v, method="lssar", backend="auto")
+    assert torch.equal(out, reference.attention(q, k, v, "lssar", True))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    q, k, v, _ = make_inputs(1, 2, 8, 8, 32, torch.float32, device="cpu")
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    assert "TRITON_INTERPRET=1" in tk.unsupported_reason(q, k, v, explicit=True)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        freeatten_core.attention(q, k, v, method="lssa", backend="triton")
+
+
+def test_poisoning_is_active():
+    # the hook the tests rely on: buffers really start as NaN inside poison_outputs()
+    assert torch.isnan(tk._new((3,), torch.float32, "cpu")).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU section (collected only where CUDA runs the kernels natively): larger shapes in bfloat16 / float16
+# --------------------------------------------------------------------------------------------------------
+if ON_GPU:
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+    @pytest.mark.parametrize("method", ["lssa", "lssar"])
+    @pytest.mark.parametrize("shape", [(2, 4, 1024, 1024, 64), (1, 4, 2048, 2048, 128), (2, 2, 500, 1500, 64),
+                                       (1, 2, 4097, 4097, 128)], ids=lambda s: "B{}H{}q{}k{}d{}".format(*s))
+    def test_gpu_half_precision(shape, method, causal, dtype):
+        B, H, Lq, Lk, D = shape
+        check(*make_inputs(B, H, Lq, Lk, D, dtype, seed=1), method, causal, tol=(1e-2, 1e-2))
+
+    def test_gpu_auto_picks_the_kernels():
+        q, k, v, _ = make_inputs(1, 2, 64, 64, 64, torch.bfloat16)
+        assert tk.unsupported_reason(q, k, v, explicit=False) is None
