@@ -174,14 +174,14 @@ def test_gradcheck_ssmax_scale():
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def _check_against_float64(method, q, k, v, causal, dtype, close=True, **opts):
+def _check_against_float64(method, q, k, v, causal, dtype, close=("out", "dq", "dk", "dv"), **opts):
     """Output and gradients in ``dtype`` are finite and close to float64 on the same (rounded) inputs.
 
     Closeness is the max-abs error relative to the largest float64 value, or to a floor when everything is
     smaller (1e-4 for out/dv, 1e-2 for dq/dk: a gradient that is exactly 0, e.g. with a single key, comes out
     as float32 rounding noise, and one of 1e-40 underflows to 0; neither is an error). Gradients are required to be
-    finite wherever the exact (float64) gradient is representable in ``dtype``. ``close=False`` checks
-    finiteness only, for ill-conditioned inputs.
+    finite wherever the exact (float64) gradient is representable in ``dtype``. ``close`` names what is
+    compared (finiteness is always checked), for inputs where the rest is ill-conditioned.
     """
     ql, kl, vl = (t.to(dtype).requires_grad_() for t in (q, k, v))
     out = fa.attention(ql, kl, vl, method=method, causal=causal, **opts)
@@ -196,7 +196,7 @@ def _check_against_float64(method, q, k, v, causal, dtype, close=True, **opts):
                             ("dv", vl.grad, v64.grad)]:
         representable = want.abs() < big
         assert torch.isfinite(got[representable]).all(), f"{method} {dtype}: non-finite {name}"
-        if not close:
+        if name not in close:
             continue
         got, want = got[representable].double(), want[representable]
         floor = 1e-4 if name in ("out", "dv") else 1e-2
@@ -254,8 +254,16 @@ def test_property_finite_and_close(method, Lq, extra, D, causal, dtype, scale, s
     # numbers and dP/dx = p·P/x. Softmax scores of size 1e-6 (scale 1e-3) give such rows, so the float32
     # result legitimately depends on rounding; there only finiteness is checked. (LSSA/LSSAR scores live on
     # the unit sphere and do not shrink with the input scale.)
-    well_conditioned = not (method == "softmax_reweight" and scale < 1)
-    _check_against_float64(method, q, k, v, causal, dtype, close=well_conditioned)
+    # Scale 1e3 makes dot-product scores of ~1e6, whose float32 rounding error (~0.1) is as wide as the
+    # sigmoid's or softmax's transition: dq and dk are rounding-dominated there for any float32 implementation.
+    # (This part of the test is about overflow and NaN.)
+    if method == "softmax_reweight" and scale < 1:
+        close = ()
+    elif scale > 10:
+        close = ("out", "dv")
+    else:
+        close = ("out", "dq", "dk", "dv")
+    _check_against_float64(method, q, k, v, causal, dtype, close=close)
 
 
 def test_exp_nol1_is_literal():
