@@ -1,0 +1,517 @@
+"""Training: AdamW, warm-up + cosine, clipping, gradient accumulation, bf16 autocast on GPU, optional
+``torch.compile``, checkpoints written atomically, exact resume, DDP through ``torchrun``.
+
+Python::
+
+    from freeatten_core.train import TrainConfig, config_from_preset, train
+    cfg = config_from_preset("ci", out_dir="runs/lssar", attention="lssar", attention_options={"p": 15})
+    summary = train(cfg)
+
+Command line::
+
+    python -m freeatten_core train --preset ci --method lssar --option p=15 --out-dir runs/lssar
+    torchrun --nproc_per_node 8 -m freeatten_core train --preset paper --method lssar --data-path DIR
+    python -m freeatten_core train --preset gpu --method lssar --throughput      # tokens/s, no data needed
+
+Reproducibility: the batches of step ``s`` are a pure function of ``(seed, s, micro-batch index)`` (see
+:func:`freeatten_core.data.get_batch`), the model is initialised from ``seed``, and a checkpoint stores the model,
+the optimiser and the step. A run resumed from a checkpoint therefore continues the same loss trajectory, and a
+killed run loses at most the steps since its last checkpoint. With ``W`` ranks and ``A`` accumulation steps the
+global micro-batch index is ``rank·A + micro``, so ``torchrun`` over 2 ranks computes the same update as one
+process with twice the accumulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .model import GPT, GPTConfig
+from .presets import PRESETS, get_preset
+
+CHECKPOINT = "ckpt.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    # data
+    corpus: str = "shakespeare"
+    tokenizer: str = "byte"
+    data_path: str | None = None  # fineweb: the shard directory
+    # model: GPTConfig fields (block_size, n_layer, ...); attention is set by the three fields below
+    model: dict = field(default_factory=dict)
+    attention: str = "softmax"
+    attention_options: dict = field(default_factory=dict)
+    backend: str = "auto"
+    # optimisation
+    batch_size: int = 32  # per rank and micro-step
+    grad_accum: int = 1
+    max_steps: int = 300
+    warmup_steps: int = 30
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1337
+    # system
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu; or "float32" / "bfloat16"
+    compile: bool = False
+    ckpt_interval: int = 100  # steps between checkpoints (and one at the end)
+    log_interval: int = 10
+    progress: bool = True
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    # evaluation (used by freeatten_core.evaluate)
+    eval_factors: tuple = (1, 2, 4, 8, 16)
+    eval_windows: int = 16
+    eval_batch_size: int = 16
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "ckpt_interval", "log_interval", "eval_windows",
+                     "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: auto, float32, bfloat16")
+        self.betas, self.eval_factors = tuple(self.betas), tuple(int(k) for k in self.eval_factors)
+        self.model_config()  # validates the model fields and the attention method/options
+
+    def model_config(self, vocab_size: int | None = None) -> GPTConfig:
+        fields = {f.name for f in dataclasses.fields(GPTConfig)}
+        bad = sorted(set(self.model) - fields)
+        if bad:
+            raise ValueError(f"unknown model field(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
+        kw = dict(self.model)
+        if vocab_size is not None:
+            kw["vocab_size"] = vocab_size
+        return GPTConfig(**kw, attention=self.attention, attention_options=dict(self.attention_options),
+                         backend=self.backend)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.get("block_size", GPTConfig.block_size)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"], d["eval_factors"] = list(self.betas), list(self.eval_factors)
+        return d
+
+
+def config_from_preset(preset: str = "ci", **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset; ``model=`` overrides are merged into the preset's model fields."""
+    base = get_preset(preset)
+    model = {**base.pop("model"), **overrides.pop("model", {})}
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ValueError(f"unknown training option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
+    return TrainConfig(**{**base, **overrides, "model": model})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Devices, distribution, precision
+# ------------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; pass --device cpu")
+    return dev
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on GPU (``dtype`` auto or bfloat16); nothing on CPU unless bfloat16 is asked for."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, local, world), device
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a crash never leaves a
+    half-written checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+_CKPT_KEYS = ("model", "model_config", "train_config", "step")
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint dict, with a clear error for a missing, unreadable or foreign file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CKPT_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a freeatten_core checkpoint (needs keys {', '.join(_CKPT_KEYS)}; has {have})")
+    return ckpt
+
+
+def load_model(path, device="cpu") -> tuple[GPT, dict]:
+    """The trained model (eval mode) and its checkpoint dict."""
+    ckpt = read_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: the weights do not fit its model config ({e})") from e
+    return model.to(device).eval(), ckpt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------------------------
+
+def _log_lines(path: Path, upto_step: int) -> list[str]:
+    """The JSONL lines of an earlier run up to (excluding) ``upto_step``: a resumed run rewrites the rest."""
+    if not path.exists():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) < upto_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a crash
+    return keep
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
+    """Train (or resume) and return a summary: the per-step losses, the final loss, paths and timings.
+
+    ``stop_after``: return after this many steps of *this* call without a final checkpoint (it simulates a
+    killed run; the tests use it). ``data``: a :class:`freeatten_core.data.TokenData` to use instead of loading
+    ``cfg.corpus``.
+    """
+    from .data import get_batch, load_tokens
+
+    dist_info, device = init_distributed(cfg.device)
+    out = Path(cfg.out_dir)
+    data = data if data is not None else load_tokens(cfg.corpus, cfg.tokenizer, cfg.data_path)
+    mcfg = cfg.model_config(vocab_size=data.vocab_size)
+    L = mcfg.block_size
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, cfg.betas, device.type)
+    start, history = 0, []
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume and ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path, map_location=device)
+        if ckpt["model_config"] != mcfg.to_dict():
+            raise ValueError(f"{ckpt_path} was trained with a different model ({ckpt['model_config']}); use another "
+                             f"--out-dir or --no-resume")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = int(ckpt["step"]), list(ckpt.get("history", []))
+        if "torch_rng" in ckpt:
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if dist_info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int) -> None:
+        if dist_info.master:
+            atomic_torch_save({
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "history": history,
+                "torch_rng": torch.get_rng_state(), "data": data.summary(), "world_size": dist_info.world,
+            }, ckpt_path)
+        if dist_info.world > 1:
+            torch.distributed.barrier()
+
+    log_path = out / LOG
+    if dist_info.master:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(log_path, "".join(line + "\n" for line in _log_lines(log_path, start)))
+        log_file = open(log_path, "a")
+    tokens_per_step = cfg.batch_size * L * cfg.grad_accum * dist_info.world
+    bar = None
+    if dist_info.master and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {mcfg.attention}", leave=False)
+
+    model.train()
+    t0, steps_done, step = time.perf_counter(), 0, start
+    try:
+        while step < cfg.max_steps:
+            if stop_after is not None and steps_done >= stop_after:
+                break
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(data.train, cfg.batch_size, L, cfg.seed, step,
+                                 dist_info.rank * cfg.grad_accum + micro, device)
+                sync = dist_info.world == 1 or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(device, cfg.dtype):
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if dist_info.world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else torch.zeros(()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_val = float(loss_sum)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss became {loss_val} at step {step} ({mcfg.attention}); lower the lr")
+            history.append([step, loss_val])
+            step += 1
+            steps_done += 1
+            if dist_info.master:
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    dt = time.perf_counter() - t0
+                    log_file.write(json.dumps({"step": step - 1, "loss": loss_val, "lr": lr,
+                                               "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                                               "tokens_per_s": steps_done * tokens_per_step / max(dt, 1e-9)}) + "\n")
+                    log_file.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_val:.3f}")
+            if step % cfg.ckpt_interval == 0 or step == cfg.max_steps:
+                save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if dist_info.master:
+            log_file.close()
+    elapsed = time.perf_counter() - t0
+    tail = [loss for _, loss in history[-max(1, len(history) // 10):]]
+    return {
+        "out_dir": str(out), "checkpoint": str(ckpt_path), "steps": step, "losses": [loss for _, loss in history],
+        "final_loss": sum(tail) / len(tail) if tail else float("nan"), "params": raw_model.num_params(),
+        "seconds": elapsed, "tokens_per_s": steps_done * tokens_per_step / max(elapsed, 1e-9),
+        "attention": mcfg.attention, "attention_options": mcfg.attention_options, "world_size": dist_info.world,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Throughput (tokens/s) of one training step, e.g. fused LSSAR against SDPA softmax on a GPU
+# ------------------------------------------------------------------------------------------------------------
+
+def measure_throughput(model_cfg: GPTConfig, batch_size: int, steps: int = 20, warmup: int = 5, device="auto",
+                       dtype: str = "auto", compile: bool = False, seed: int = 0) -> dict:
+    """Training tokens per second (forward + backward + AdamW) on random tokens of length ``block_size``.
+
+    ``softmax`` with ``backend="auto"`` runs the reference path; on a GPU the fair softmax baseline is
+    PyTorch SDPA, which the reference softmax call uses when available — see the report for what was timed.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).to(device)
+    opt = model.configure_optimizer(1e-4, 0.1, device_type=device.type)
+    fwd = torch.compile(model) if compile else model
+    L = model_cfg.block_size
+    x = torch.randint(0, model_cfg.vocab_size, (batch_size, L + 1), device=device)
+
+    def step():
+        with autocast_for(device, dtype):
+            _, loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    return {"attention": model_cfg.attention, "backend": model_cfg.backend, "batch_size": batch_size,
+            "block_size": L, "params": model.num_params(), "ms_per_step": 1000 * dt,
+            "tokens_per_s": batch_size * L / dt, "device": str(device), "dtype": dtype}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------
+
+def parse_options(items) -> dict:
+    """``["p=15", "offset_rows=3"]`` -> ``{"p": 15, "offset_rows": 3}`` (values parsed as JSON when they can be)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m freeatten_core train",
+                                 description="train a GPT with a chosen attention method")
+    ap.add_argument("--preset", default="ci", help=f"one of {', '.join(PRESETS)} (default ci)")
+    ap.add_argument("--method", default=None, help="attention method (freeatten_core.METHODS); default softmax")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="attention option, e.g. --option p=15 (repeatable)")
+    ap.add_argument("--backend", default=None, choices=["auto", "reference", "triton"])
+    ap.add_argument("--out-dir", default=None, help="run directory (checkpoint, log.jsonl)")
+    ap.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                    help="model field override, e.g. --model n_layer=4 (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any other TrainConfig field, e.g. --set warmup_steps=10 (repeatable)")
+    for name, typ in [("steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float), ("seed", int),
+                      ("device", str), ("dtype", str), ("corpus", str), ("tokenizer", str), ("data_path", str),
+                      ("ckpt_interval", int), ("stop_after", int)]:
+        ap.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
+                        help=argparse.SUPPRESS if name == "stop_after" else None)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    ap.add_argument("--throughput", action="store_true", help="measure training tokens/s on random tokens only")
+    return ap
+
+
+def config_from_args(args) -> TrainConfig:
+    over = parse_options(args.set)
+    if args.method is not None:
+        over["attention"] = args.method
+    if args.option:
+        over["attention_options"] = parse_options(args.option)
+    if args.backend is not None:
+        over["backend"] = args.backend
+    if args.model:
+        over["model"] = parse_options(args.model)
+    for name in ("batch_size", "grad_accum", "lr", "seed", "device", "dtype", "corpus", "tokenizer", "data_path",
+                 "ckpt_interval", "compile"):
+        if getattr(args, name) is not None:
+            over[name] = getattr(args, name)
+    if args.steps is not None:
+        over["max_steps"] = args.steps
+    over["out_dir"] = args.out_dir or f"runs/{args.preset}_{over.get('attention', 'softmax')}"
+    over["progress"] = not args.no_progress
+    over["resume"] = not args.no_resume
+    return config_from_preset(args.preset, **over)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.throughput:
+        mcfg = cfg.model_config(vocab_size=50257 if cfg.tokenizer == "gpt2" else 256)
+        print(json.dumps(measure_throughput(mcfg, cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+                                            compile=cfg.compile)))
+        return 0
+    from .data import DataError
+
+    try:
+        summary = train(cfg, stop_after=args.stop_after)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary.pop("losses")
+        print(json.dumps(summary))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
