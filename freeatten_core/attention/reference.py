@@ -169,14 +169,21 @@ def _relu(q, k, N, mask):
     return mask_fill(torch.relu(dot_scores(q, k)) / N[:, None], mask, 0.0)
 
 
-def _linear(q, k, N, mask):
-    # Linear attention: weights φ(q_i)·φ(k_j), ℓ1-normalised. φ = e^x for x <= 0 underflows for very negative
-    # inputs, so each feature vector is divided by its largest entry (per query row, and one constant for all
-    # keys): both factors cancel exactly in the ℓ1 normalisation.
-    lq, lk = torch.where(q > 0, torch.log1p(q.clamp_min(0)), q), torch.where(k > 0, torch.log1p(k.clamp_min(0)), k)
-    fq = torch.exp(lq - lq.amax(dim=-1, keepdim=True).detach())
-    fk = torch.exp(lk - lk.amax(dim=(-1, -2), keepdim=True).detach())
-    return l1_normalise(mask_fill(fq @ fk.transpose(-1, -2), mask, 0.0))
+def _log_elu1(x):
+    """ln(elu(x) + 1): ln(1 + x) for x > 0, x otherwise."""
+    return torch.where(x > 0, torch.log1p(x.clamp_min(0)), x)
+
+
+def _linear(q, k, N, mask, chunk_elements=1 << 24):
+    # Linear attention (Katharopoulos et al. 2020): weights φ(q_i)·φ(k_j) with φ = elu + 1 > 0, ℓ1-normalised.
+    # φ = e^x underflows for very negative inputs, so the weights are formed in the log domain,
+    # ln w_ij = logsumexp_d(ln φ(q_id) + ln φ(k_jd)), and ℓ1 becomes a softmax: exact for any input size.
+    # The [rows, Lk, D] intermediate is built a block of query rows at a time.
+    lq, lk = _log_elu1(q), _log_elu1(k)
+    rows = max(1, chunk_elements // max(1, lq.shape[0] * lq.shape[1] * lk.shape[-2] * lk.shape[-1]))
+    logw = torch.cat([torch.logsumexp(lq[..., i:i + rows, None, :] + lk[..., None, :, :], dim=-1)
+                      for i in range(0, lq.shape[-2], rows)], dim=-2)
+    return masked_softmax(logw, mask)
 
 
 def log_softplus(x: torch.Tensor) -> torch.Tensor:
