@@ -138,7 +138,7 @@ def lssa_fwd_kernel(
 ):
     # one program: BM query rows of one (batch, head); q/o [BH, Lq, D], k/v [BH, Lk, D], c [Lq],
     # stats [4, BH, Lq] = (Z, a, b, U) per row for the backward pass (n_rows = BH·Lq).
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
     o_i = i_m * BM + tl.arange(0, BM)  # [BM] query rows
     o_d = tl.arange(0, D)  # [D]
     m_i = o_i < Lq
@@ -233,7 +233,7 @@ def lssa_bwd_dq_kernel(
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
 ):
     # q/o/do/dq [BH, Lq, D], k/v [BH, Lk, D]; delta, rterm [BH, Lq]
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
     o_i = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_i = o_i < Lq
@@ -309,7 +309,7 @@ def lssa_bwd_dkdv_kernel(
 ):
     # one program: BN keys of one (batch, head), looping over the query tiles that see them.
     # Works in the transposed orientation [BN, BM] so that both accumulations are plain row-major dots.
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
     m_j = o_j < Lk
