@@ -151,3 +151,20 @@ def test_ddp_gloo_two_processes_equals_accumulation(tmp_path):
     b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_yardstick_is_the_same_softmax():
+    from freeatten_core import model as M
+
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig(vocab_size=64, **TINY, attention="softmax")).double()
+    x = torch.randint(0, 64, (2, 17))
+    _, a = model(x[:, :-1], x[:, 1:])
+    api = M.attention_fn
+    with T.sdpa_softmax():
+        assert M.attention_fn is not api
+        _, b = model(x[:, :-1], x[:, 1:])
+    assert M.attention_fn is api
+    torch.testing.assert_close(a, b)
+    r = T.measure_throughput(model.cfg, batch_size=2, steps=1, warmup=1, device="cpu", sdpa=True)
+    assert r["backend"] == "sdpa" and r["tokens_per_s"] > 0
