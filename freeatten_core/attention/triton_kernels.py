@@ -95,14 +95,36 @@ def _dot(a, b, DT: tl.constexpr):
 @triton.jit
 def _softplus_sigmoid(s):
     # softplus(s) = max(s, 0) + log1p(e), e = exp(-|s|) ∈ (0, 1], and σ(s) from the same e.
-    # log1p by Goldberg's trick log(u)·e/(u − 1), u = 1 + e (exact to a few ulps, also where u rounds to 1):
-    # a plain log(1 + e) would give f = 0 for s < -17, hence Z = 0 for a row of anti-aligned keys.
+    # log1p without a division (the special-function units are the scarce resource: softplus already costs
+    # one exp and one log per element): six terms of its series where e < 1/8, where 1 + e has lost e's low
+    # bits, log(1 + e) elsewhere; max relative error of f 6.3e-7 over all s. A plain log(1 + e) would give
+    # f = 0 for s < -17, hence Z = 0 for a row whose keys all point away from the query.
     e = tl.exp(-tl.abs(s))
     u = 1.0 + e
-    lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-    f = tl.maximum(s, 0.0) + lp
+    ser = e * (1.0 + e * (-0.5 + e * (0.33333334 + e * (-0.25 + e * (0.2 + e * -0.16666667)))))
+    f = tl.maximum(s, 0.0) + tl.where(e < 0.125, ser, tl.log(u))
     sig = tl.where(s >= 0, 1.0, e) / u
     return f, sig
+
+
+@triton.jit
+def _tile_is_partial(j0, BN: tl.constexpr, Lk, off, m0, CAUSAL: tl.constexpr):
+    # whether keys [j0, j0 + BN) need a mask for the query rows from m0 on: the tile runs past Lk, or (causal)
+    # past the diagonal of row m0 (query i sees keys j <= off + i). Most tiles are full and skip the masking.
+    if CAUSAL:
+        r = (j0 + BN > Lk) | (j0 + BN - 1 > off + m0)
+    else:
+        r = j0 + BN > Lk
+    return r
+
+
+@triton.jit
+def _visible(o_i, o_j, Lk, off, CAUSAL: tl.constexpr):
+    # [BM, BN] mask of the keys o_j that query rows o_i see
+    vis = (o_j < Lk)[None, :] & (o_i >= 0)[:, None]
+    if CAUSAL:
+        vis = vis & (o_j[None, :] <= off + o_i[:, None])
+    return vis
 
 
 @triton.jit
@@ -164,10 +186,8 @@ def lssa_fwd_kernel(
         b_kt = tl.load(k + i_bh * s_kbh + o_j[None, :] * s_kl + o_d[:, None], mask=m_j[None, :], other=0.0)
         b_s = _dot(b_q, b_kt.to(tl.float32), QK_DT) * b_c[:, None]  # [BM, BN]
         b_f, _ = _softplus_sigmoid(b_s)
-        vis = m_i[:, None] & m_j[None, :]
-        if CAUSAL:
-            vis = vis & (o_j[None, :] <= off + o_i[:, None])
-        b_f = tl.where(vis, b_f, 0.0)
+        if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):  # only tiles on the diagonal / at the end
+            b_f = tl.where(_visible(o_i, o_j, Lk, off, CAUSAL), b_f, 0.0)
         b_Z += tl.sum(b_f, 1)
         if REWEIGHT:
             b_F = tl.maximum(b_F, tl.max(b_f, 1))
@@ -190,12 +210,11 @@ def lssa_fwd_kernel(
             b_v = tl.load(v + i_bh * s_kbh + o_j[:, None] * s_kl + o_d[None, :], mask=m_j[:, None], other=0.0)
             b_s = _dot(b_q, b_kt.to(tl.float32), QK_DT) * b_c[:, None]  # [BM, BN]
             b_f, _ = _softplus_sigmoid(b_s)
-            vis = m_i[:, None] & m_j[None, :]
-            if CAUSAL:
-                vis = vis & (o_j[None, :] <= off + o_i[:, None])
-            b_y = tl.where(vis, tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), 0.0)
-            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
-            b_u = tl.where(vis, b_u, 0.0)  # [BM, BN]
+            if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):
+                b_f = tl.where(_visible(o_i, o_j, Lk, off, CAUSAL), b_f, 0.0)
+            # f = 0 at invisible keys gives y = 0 there (b >= 0), so u = 0: no further masking needed
+            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
+            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)  # [BM, BN]
             b_U += tl.sum(b_u, 1)
             b_acc += _dot(b_u, b_v.to(tl.float32), PV_DT)
     else:
@@ -270,20 +289,20 @@ def lssa_bwd_dq_kernel(
         b_vt = tl.load(v + p_t, mask=m_j[None, :], other=0.0).to(tl.float32)  # [D, BN]
         b_s = _dot(b_q, b_kt, QK_DT) * b_c[:, None]  # [BM, BN]
         b_f, b_sig = _softplus_sigmoid(b_s)
-        vis = m_i[:, None] & m_j[None, :]
-        if CAUSAL:
-            vis = vis & (o_j[None, :] <= off + o_i[:, None])
         b_dp = _dot(b_do, b_vt, PV_DT) - b_delta[:, None]  # [BM, BN] dP − D
-        b_sig = tl.where(vis, b_sig, 0.0)
+        if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):
+            # zero f, σ and dP − D at invisible keys; then y = 0 and t = 0 there too
+            vis = _visible(o_i, o_j, Lk, off, CAUSAL)
+            b_f = tl.where(vis, b_f, 0.0)
+            b_sig = tl.where(vis, b_sig, 0.0)
+            b_dp = tl.where(vis, b_dp, 0.0)
         if REWEIGHT:
-            b_y = tl.where(vis, b_a[:, None] * b_f - b_b[:, None], 0.0)
-            pos = b_y > 0
-            b_g = _pow(tl.maximum(b_y, 0.0), P - 1.0, PM1_INT)
-            b_t = tl.where(ok[:, None], tl.where(pos, b_pa[:, None] * b_g * b_dp, 0.0),
-                           tl.where(vis, b_dp * b_iz[:, None], 0.0))
+            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
+            b_g = _pow(b_y, P - 1.0, PM1_INT)
+            b_t = tl.where(ok[:, None], tl.where(b_y > 0, b_pa[:, None] * b_g * b_dp, 0.0), b_dp * b_iz[:, None])
             b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
         else:
-            b_t = tl.where(vis, b_dp * b_iz[:, None], 0.0)
+            b_t = b_dp * b_iz[:, None]
         b_H += tl.sum(b_t, 1)
         b_acc1 += _dot(b_t * b_sig, tl.trans(b_kt), DS_DT)
 
@@ -338,26 +357,28 @@ def lssa_bwd_dkdv_kernel(
 
         b_st = _dot(b_k, b_qt, QK_DT) * b_c[None, :]  # [BN, BM]
         b_f, b_sig = _softplus_sigmoid(b_st)
-        vis = m_j[:, None] & m_i[None, :]
-        if CAUSAL:
-            vis = vis & (o_j[:, None] <= off + o_i[None, :])
         b_dp = _dot(b_v, b_dot, PV_DT) - b_delta[None, :]  # [BN, BM] dP − D
+        if (i0 + BM > Lq) | _tile_is_partial(i_n * BN, BN, Lk, off, i0, CAUSAL):
+            # zero f, σ and dP − D where query i does not see key j (or either is out of range): then P, t
+            # and dS are 0 there
+            vis = tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)) & m_i[None, :]
+            b_f = tl.where(vis, b_f, 0.0)
+            b_sig = tl.where(vis, b_sig, 0.0)
+            b_dp = tl.where(vis, b_dp, 0.0)
         b_iz = 1.0 / b_Z
         if REWEIGHT:
             b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
             b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=0.0)
             ok = b_a > 0
-            b_y = tl.where(vis, tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0), 0.0)
-            pos = b_y > 0
+            b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
             b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); y^p = y^(p−1)·y
-            b_p = tl.where(ok[None, :], tl.where(pos, b_g * b_y / b_U[None, :], 0.0),
-                           tl.where(vis, b_f * b_iz[None, :], 0.0))
-            b_t = tl.where(ok[None, :], tl.where(pos, (P * b_a / b_U)[None, :] * b_g * b_dp, 0.0),
-                           tl.where(vis, b_dp * b_iz[None, :], 0.0))
+            b_p = tl.where(ok[None, :], b_g * b_y * (1.0 / b_U)[None, :], b_f * b_iz[None, :])
+            b_t = tl.where(ok[None, :], tl.where(b_y > 0, (P * b_a / b_U)[None, :] * b_g * b_dp, 0.0),
+                           b_dp * b_iz[None, :])
         else:
-            b_p = tl.where(vis, b_f * b_iz[None, :], 0.0)
-            b_t = tl.where(vis, b_dp * b_iz[None, :], 0.0)
-        b_ds = tl.where(vis, (b_t - b_R[None, :]) * b_sig, 0.0) * b_c[None, :]  # [BN, BM] c_i·dS_ij
+            b_p = b_f * b_iz[None, :]
+            b_t = b_dp * b_iz[None, :]
+        b_ds = (b_t - b_R[None, :]) * b_sig * b_c[None, :]  # [BN, BM] c_i·dS_ij
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
         b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
 
