@@ -180,6 +180,7 @@ def _linear(q, k, N, mask, chunk_elements=1 << 24):
     # ln w_ij = logsumexp_d(ln φ(q_id) + ln φ(k_jd)), and ℓ1 becomes a softmax: exact for any input size.
     # The [rows, Lk, D] intermediate is built a block of query rows at a time.
     lq, lk = _log_elu1(q), _log_elu1(k)
+    lq = lq - lq.amax(dim=-1, keepdim=True).detach()  # a per-row constant: cancels in the softmax, saves precision
     rows = max(1, chunk_elements // max(1, lq.shape[0] * lq.shape[1] * lk.shape[-2] * lk.shape[-1]))
     logw = torch.cat([torch.logsumexp(lq[..., i:i + rows, None, :] + lk[..., None, :, :], dim=-1)
                       for i in range(0, lq.shape[-2], rows)], dim=-2)
