@@ -9,7 +9,9 @@
   lengths.
 * ``paper``: GPT-2 small (124M), L = 1024, FineWeb-Edu shards, the GPT-2/FineWeb recipe (AdamW
   beta = (0.9, 0.95), lr 6e-4 cosine to 6e-5, 715 warm-up steps, weight decay 0.1, 524,288 tokens per step
-  = 8 GPUs x 64 x 1024, 18,865 steps). For ``torchrun --nproc_per_node 8``.
+  = 8 GPUs x 64 x 1024, 18,865 steps). For ``torchrun --nproc_per_node 8``. Methods without a fused kernel
+  run on the reference path, which materialises the [L, L] weights: for those, trade batch for accumulation
+  (``--batch-size 16 --grad-accum 4`` keeps the 524,288 tokens per step).
 
 A preset is a plain dict of :class:`~freeatten_core.train.TrainConfig` fields (plus the model fields under
 ``"model"``); every field can be overridden from the command line or from Python.
