@@ -109,3 +109,60 @@ def test_decomposition_ablation_rows(tmp_path):
     assert all(r["status"] == "ok" and np.isfinite(r["final_train_loss"]) for r in rows)
     with pytest.raises(ValueError, match="unknown positivity map"):
         X.decomposition_ablation("ci", maps=("tanh",))
+
+
+def fake(method, losses, eval_method=None):
+    """An evaluation dict with loss_last = loss_window = losses[k]."""
+    return {"factors": sorted(losses), "trained": {"method": method}, "evaluated": {"method": eval_method or method},
+            "results": {str(k): {"loss_window": v, "loss_last": v} for k, v in losses.items()}}
+
+
+def test_claims_follow_the_numbers():
+    paper_like = {
+        "softmax": fake("softmax", {1: 3.19, 16: 6.28}),
+        "lssa": fake("lssa", {1: 3.19, 16: 5.94}),
+        "lssar": fake("lssar", {1: 3.19, 16: 3.32}),
+        "lssa+reweight@eval": fake("lssa", {1: 3.30, 16: 4.0}, "lssar"),
+    }
+    claims = {c["id"]: c for c in X.extrapolation_claims(paper_like)}
+    assert set(claims) == {"softmax_degrades", "lssar_flat", "lssar_beats_softmax", "lssar_beats_lssa",
+                           "reweight_at_inference", "equal_at_1x"}
+    assert all(c["reproduced"] for c in claims.values())
+    assert "+0.130 nats" in claims["lssar_flat"]["measured"]
+    flipped = {
+        "softmax": fake("softmax", {1: 3.0, 16: 3.05}),
+        "lssar": fake("lssar", {1: 3.5, 16: 4.0}),
+    }
+    claims = {c["id"]: c for c in X.extrapolation_claims(flipped)}
+    assert set(claims) == {"softmax_degrades", "lssar_flat", "lssar_beats_softmax", "equal_at_1x"}
+    assert not any(c["reproduced"] for c in claims.values())
+    assert X.extrapolation_claims({}) == []
+
+
+def test_notebook_04_runs_through_papermill_and_writes_results(tmp_path):
+    """The path scripts/gpu_extrapolation.sh takes (papermill, parameters, results_dir), at a tiny size."""
+    pm = pytest.importorskip("papermill")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess_ok(["bash", "-n", str(root / "scripts" / "gpu_extrapolation.sh")])
+    pm.execute_notebook(str(root / "notebooks" / "04_training_extrapolation.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=dict(variants=["softmax", "lssar"], run_dir=str(tmp_path / "runs"),
+                                        results_dir=str(tmp_path / "results"),
+                                        overrides=dict(model=TINY, max_steps=3, warmup_steps=1, batch_size=2,
+                                                       eval_windows=2, eval_factors=[1, 2])),
+                        kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
+    written = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert written == ["extrapolation.png", "lssar.json", "softmax.json"]
+    res = json.loads((tmp_path / "results" / "lssar.json").read_text())
+    assert res["factors"] == [1, 2] and res["provenance"]["command"].startswith("notebooks/04")
+    with pytest.raises(Exception, match="unknown variants"):
+        pm.execute_notebook(str(root / "notebooks" / "04_training_extrapolation.ipynb"),
+                            str(tmp_path / "bad.ipynb"), parameters=dict(variants=["lsssar"]),
+                            kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
+
+
+def subprocess_ok(cmd):
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True).returncode == 0
