@@ -109,7 +109,7 @@ def flex_lssa_lssar(method: str, Lq: int, Lk: int, D: int, causal: bool, p: floa
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     off, ln_d = Lk - Lq, math.log(D)
-    flex = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    flex = flex_attention
 
     def count(q_idx, dtype):
         if causal:
@@ -140,7 +140,9 @@ def flex_lssa_lssar(method: str, Lq: int, Lk: int, D: int, causal: bool, p: floa
 
         return flex(qh, kh, v, score_mod=lssar_mod, block_mask=block_mask, scale=1.0)
 
-    return run
+    # compile the whole function (normalisation and both calls): the LSSAR score_mod is a fresh closure over
+    # this call's lse, which a compiled flex_attention alone would see as a new function on every call
+    return torch.compile(run, dynamic=False) if compiled else run
 
 
 def _flex_lse(flex, q, k, v, score_mod, block_mask):
@@ -386,6 +388,13 @@ def main(argv=None) -> int:
                                                              f"Triton interpreter"
     if args.cpu_smoke:
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+    else:  # one compiled FlexAttention per (method, head dim, length): keep them all instead of falling back
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 512))
 
     results = []
     B, H = args.batch, args.heads

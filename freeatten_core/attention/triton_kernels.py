@@ -391,19 +391,42 @@ def lssa_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _tiles(D: int, kind: str) -> dict:
-    """Tile sizes and launch options. The interpreter's cost grows with the number of tile iterations, not with
-    the tile size, so it uses big tiles; the GPU values follow the Triton fused-attention tutorial's shapes
-    (not tuned on a GPU in this version: ``FREEATTEN_TILES=BM,BN,warps,stages`` overrides them)."""
-    if INTERPRET:
-        return dict(BM=64, BN=64)
+INTERPRETER_TILES = dict(BM=64, BN=64)
+"""Tiles in the interpreter, whose cost grows with the number of tile iterations, not with their size."""
+
+GPU_CANDIDATES = {  # (BM, BN, num_warps, num_stages); BM = query rows, BN = keys of one tile
+    "fwd": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+    "dq": [(64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (32, 32, 4, 3)],
+    "dkdv": [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3)],
+}
+"""Tile candidates for the GPU autotuner. With bf16 inputs they compile for sm_90 without register spills at
+head dim 64 and with at most ~300 spilled bytes at 128 (checked offline with ``ptxas -v``; not yet timed on a
+GPU). ``FREEATTEN_TILES=BM,BN,warps,stages`` replaces autotuning by one fixed configuration."""
+
+_TUNED: dict = {}
+
+
+def _launch(kernel, kind: str, n: int, BH: int, args: tuple, meta: dict) -> None:
+    """Launch ``kernel`` on a grid of cdiv(n, tile) × B·H programs (tile: BM for the row kernels "fwd"/"dq",
+    BN for "dkdv"): fixed tiles in the interpreter or from FREEATTEN_TILES, else autotuned per shape."""
+    tile = "BN" if kind == "dkdv" else "BM"
     env = os.environ.get("FREEATTEN_TILES")
-    if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        return dict(BM=bm, BN=bn, num_warps=w, num_stages=s)
-    if kind == "fwd":
-        return dict(BM=128, BN=64, num_warps=4 if D <= 64 else 8, num_stages=3 if D <= 64 else 2)
-    return dict(BM=64, BN=64, num_warps=4 if D <= 64 else 8, num_stages=2)
+    if INTERPRET or env:
+        if INTERPRET:
+            cfg = dict(INTERPRETER_TILES)
+        else:
+            try:
+                bm, bn, w, st = (int(x) for x in env.split(","))
+            except ValueError:
+                raise ValueError(f"FREEATTEN_TILES must be 'BM,BN,num_warps,num_stages', got {env!r}") from None
+            cfg = dict(BM=bm, BN=bn, num_warps=w, num_stages=st)
+        kernel[(triton.cdiv(n, cfg[tile]), BH)](*args, **meta, **cfg)
+        return
+    if kind not in _TUNED:  # every output is overwritten (no accumulation), so re-running configs is safe
+        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
+                   for bm, bn, w, st in GPU_CANDIDATES[kind]]
+        _TUNED[kind] = triton.autotune(configs, key=["Lq", "Lk", "D", "CAUSAL", "REWEIGHT", "QK_DT"])(kernel)
+    _TUNED[kind][lambda m: (triton.cdiv(n, m[tile]), BH)](*args, **meta)
 
 
 def _int_p(p: float) -> int:
@@ -436,14 +459,9 @@ def lssa_fwd(qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int
     o = _new((B, H, Lq, D), torch.float32, qh.device)
     stats = _new((4, B * H, Lq), torch.float32, qh.device)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
-    t = _tiles(D, "fwd")
-    grid = (triton.cdiv(Lq, t["BM"]), B * H)
-    lssa_fwd_kernel[grid](
-        qh, kh, v, c, o, stats,
-        Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq,
-        Lq * D, D, Lk * D, D,
-        D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), QK_DT=qk_dt, PV_DT=pv_dt, **t,
-    )
+    _launch(lssa_fwd_kernel, "fwd", Lq, B * H,
+            (qh, kh, v, c, o, stats, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq, Lq * D, D, Lk * D, D),
+            dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), QK_DT=qk_dt, PV_DT=pv_dt))
     return o, stats, c
 
 
@@ -463,17 +481,12 @@ def lssa_bwd(qh, kh, v, o, do, stats, c, reweight: bool, causal: bool, p: float,
     qk_dt, pv_dt, ds_dt = _dot_types(v.dtype)
     pm1 = _int_p(p) - 1 if _int_p(p) >= 1 else -1
     common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=pm1, QK_DT=qk_dt, PV_DT=pv_dt, DS_DT=ds_dt)
-    t = _tiles(D, "bwd")
-    lssa_bwd_dq_kernel[(triton.cdiv(Lq, t["BM"]), B * H)](
-        qh, kh, v, c, o, do, stats, dq, delta, rterm,
-        Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq,
-        Lq * D, D, Lk * D, D, **common, **t,
-    )
-    lssa_bwd_dkdv_kernel[(triton.cdiv(Lk, t["BN"]), B * H)](
-        qh, kh, v, c, do, stats, delta, rterm, dk, dv,
-        Lq, Lk, Lk - Lq, float(p), B * H * Lq,
-        Lq * D, D, Lk * D, D, **common, **t,
-    )
+    _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
+            (qh, kh, v, c, o, do, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq,
+             Lq * D, D, Lk * D, D), common)
+    _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
+            (qh, kh, v, c, do, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq,
+             Lq * D, D, Lk * D, D), common)
     return dq, dk, dv
 
 
