@@ -529,7 +529,7 @@ def main(argv=None) -> int:
 
     try:
         summary = train(cfg, stop_after=args.stop_after)
-    except DataError as e:
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:

@@ -168,3 +168,12 @@ def test_sdpa_yardstick_is_the_same_softmax():
     torch.testing.assert_close(a, b)
     r = T.measure_throughput(model.cfg, batch_size=2, steps=1, warmup=1, device="cpu", sdpa=True)
     assert r["backend"] == "sdpa" and r["tokens_per_s"] > 0
+
+
+def test_cli_resume_with_another_model_is_an_error_not_a_traceback(tmp_path, capsys):
+    args = ["--preset", "ci", "--steps", "1", "--batch-size", "2", "--no-progress", "--out-dir", str(tmp_path),
+            "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2", "--model", "block_size=16"]
+    assert T.main(args) == 0
+    capsys.readouterr()
+    assert T.main([*args, "--model", "n_head=4"]) == 1  # same run directory, another model
+    assert "different model" in capsys.readouterr().err
