@@ -217,6 +217,20 @@ def test_strided_inputs():
     check(q, k, v, do, "lssar", True)
 
 
+def test_forward_without_grad_and_expanded_grad_output():
+    # inference (no autograd graph) gives the same output; a stride-0 dO (from o.sum().backward()) works
+    q, k, v, _ = make_inputs(1, 2, 30, 30, 32, torch.float32, seed=4)
+    with torch.no_grad():
+        o_ng = freeatten_core.attention(q, k, v, method="lssar", backend="triton")
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    o = freeatten_core.attention(qs, ks, vs, method="lssar", backend="triton")
+    assert torch.equal(o_ng, o.detach())
+    o.sum().backward()
+    ref = run_reference(q, k, v, torch.ones_like(o), "lssar", True)
+    for name, x, r in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), ref[1:]):
+        assert_close(name, x.cpu(), r, TOL[torch.float32][1])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Dispatch and clear errors
 # --------------------------------------------------------------------------------------------------------
