@@ -27,7 +27,7 @@ PRESETS: dict[str, dict] = {
         model=dict(block_size=64, n_layer=2, n_head=4, n_embd=128, dropout=0.0),
         batch_size=32, grad_accum=1, max_steps=300, warmup_steps=30,
         lr=3e-3, min_lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        eval_factors=(1, 2, 4, 8, 16), eval_windows=16, eval_batch_size=16,
+        eval_factors=(1, 2, 4, 8, 16), eval_windows=16, eval_batch_size=4,
         ckpt_interval=100, log_interval=10, compile=False,
     ),
     "gpu": dict(
