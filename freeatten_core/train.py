@@ -273,6 +273,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
     from .data import get_batch, load_tokens
 
     dist_info, device = init_distributed(cfg.device)
+    if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (as nanoGPT does)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.out_dir)
     data = data if data is not None else load_tokens(cfg.corpus, cfg.tokenizer, cfg.data_path)
     mcfg = cfg.model_config(vocab_size=data.vocab_size)
