@@ -148,6 +148,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cached data is ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
