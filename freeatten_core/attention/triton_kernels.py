@@ -55,8 +55,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_INT_P = 64  # integer p up to this is formed by repeated multiplication; larger or fractional p by exp2/log2
 
-# dot-operand codes (constexpr): 0 exact float32, 1 float16, 2 bfloat16
-_DT_F32, _DT_F16, _DT_BF16 = 0, 1, 2
+# dot-operand codes (constexpr): 0 exact float32, 1 float16, 2 bfloat16, 3 bfloat16 rounding emulated in
+# float32 (the interpreter's bfloat16 arithmetic is unreliable; see emulate_gpu_dots)
+_DT_F32, _DT_F16, _DT_BF16, _DT_BF16_EMU = 0, 1, 2, 3
 
 # --------------------------------------------------------------------------------------------------------
 # A test hook: allocate every kernel output filled with NaN, so a position the kernel forgets to write shows.
@@ -75,6 +76,22 @@ def poison_outputs(enabled: bool = True):
         _POISON = old
 
 
+_EMULATE_GPU_DOTS = False
+
+
+@contextlib.contextmanager
+def emulate_gpu_dots(enabled: bool = True):
+    """Test hook: in the interpreter, round every matmul operand as the GPU path does for half-precision inputs
+    (q̂·k̂ in float16, V/dO products in the input dtype, dS products in bfloat16; bfloat16 rounding emulated
+    bit-exactly in float32), so the CPU tests check the GPU's operand precision."""
+    global _EMULATE_GPU_DOTS
+    old, _EMULATE_GPU_DOTS = _EMULATE_GPU_DOTS, enabled
+    try:
+        yield
+    finally:
+        _EMULATE_GPU_DOTS = old
+
+
 def _new(shape, dtype, device) -> torch.Tensor:
     if _POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -87,12 +104,22 @@ def _new(shape, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
+def _round_bf16(x):
+    # x rounded to the nearest bfloat16 (ties to even), kept in float32: bit arithmetic, exact in the interpreter
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, DT: tl.constexpr):
     # a @ b with float32 accumulation; operands cast to the low-precision type DT just before the tensor cores
     if DT == 1:
         r = tl.dot(a.to(tl.float16), b.to(tl.float16))
     elif DT == 2:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DT == 3:
+        r = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
     else:
         r = tl.dot(a, b, input_precision="ieee")
     return r
@@ -441,10 +468,12 @@ def _int_p(p: float) -> int:
 
 
 def _dot_types(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(QK, PV, dS) dot-operand codes: float32 everywhere in the interpreter and for float32 inputs."""
-    if INTERPRET or dtype == torch.float32:
+    """(QK, PV, dS) dot-operand codes: float32 for float32 inputs and in the interpreter (unless emulating the
+    GPU's rounding); half-precision inputs on a GPU: float16, the input dtype, bfloat16."""
+    if dtype == torch.float32 or (INTERPRET and not _EMULATE_GPU_DOTS):
         return _DT_F32, _DT_F32, _DT_F32
-    return _DT_F16, (_DT_BF16 if dtype == torch.bfloat16 else _DT_F16), _DT_BF16
+    bf16 = _DT_BF16_EMU if INTERPRET else _DT_BF16
+    return _DT_F16, (bf16 if dtype == torch.bfloat16 else _DT_F16), bf16
 
 
 def _scale(Lq: int, Lk: int, D: int, causal: bool, device) -> torch.Tensor:
