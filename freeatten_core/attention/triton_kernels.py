@@ -575,6 +575,9 @@ def unsupported_reason(q, k, v, explicit: bool) -> str | None:
     if D not in SUPPORTED_HEAD_DIMS:
         return (f"head dim {D} is not supported by the kernels (supported: "
                 f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}); use backend='reference' for it")
+    if (q.is_cuda and not INTERPRET and q.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(q.device) < (8, 0)):
+        return "bfloat16 kernels need a GPU of compute capability 8.0 or newer (Ampere, Hopper)"
     if not q.is_cuda:
         if not explicit:
             return "backend='auto' uses the fused kernels only for CUDA tensors"
@@ -585,5 +588,7 @@ def unsupported_reason(q, k, v, explicit: bool) -> str | None:
         return f"empty sequence (Lq={q.shape[-2]}, Lk={k.shape[-2]})"
     return None
 
+
 __all__ = ["attention", "unsupported_reason", "LSSAFunction", "lssa_fwd", "lssa_bwd", "poison_outputs",
+           "emulate_gpu_dots",
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "INTERPRET"]
