@@ -222,6 +222,12 @@ def test_first_rows_ln_n_zero():
         assert torch.equal(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]))
 
 
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+def test_noncausal_more_queries_than_keys(method):
+    # without a mask any Lq works (N_i = Lk for every row), also Lq > Lk
+    check(*make_inputs(2, 2, 100, 17, 32, torch.float32, seed=12), method, False)
+
+
 def test_strided_inputs():
     # non-contiguous inputs (a transposed [B, L, H, D] layout, as a model produces them)
     q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_inputs(2, 3, 20, 20, 32,
