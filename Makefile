@@ -12,7 +12,7 @@ export TRITON_INTERPRET ?= 1
 
 export PYTHONHASHSEED ?= 0
 
-.PHONY: all book test test-unit test-notebooks venv clean
+.PHONY: all book test test-unit test-notebooks venv clean gpu-kernels gpu-extrapolation
 
 all: test
 
@@ -36,6 +36,14 @@ test-unit: $(STAMP)
 
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q -p no:randomly --nbval notebooks --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# On a GPU machine (CUDA build of torch + triton in the active Python): kernel tests in bf16/fp16 on the GPU and
+# the benchmark against SDPA / FlexAttention -> results/bench/; the `gpu` training preset -> results/extrapolation/.
+gpu-kernels:
+	bash scripts/gpu_kernels.sh
+
+gpu-extrapolation:
+	bash scripts/gpu_extrapolation.sh
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis

@@ -51,7 +51,7 @@ def _check_p(p):
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"option p must be a real number >= 1, got {type(p).__name__} {p!r}")
     if not math.isfinite(p) or p < 1:
-        raise ValueError(f"option p must be a finite number >= 1 (p = 1 with offset_rows = 0 is LSSA), got {p!r}")
+        raise ValueError(f"option p must be a finite number >= 1, got {p!r}")
     return float(p)
 
 
