@@ -1,4 +1,4 @@
-"""Command line: ``python -m freeatten_core {bench,train,evaluate,methods} ...``.
+"""Command line: ``python -m freeatten_core {bench,train,evaluate,data,methods} ...``.
 
 Each subcommand lives in its own module with a ``main(argv)`` function; this file only dispatches.
 """
@@ -12,6 +12,7 @@ COMMANDS = {
     "bench": ("freeatten_core.bench", "benchmark the fused kernels against SDPA / FlexAttention / reference"),
     "train": ("freeatten_core.train", "train a GPT with a chosen attention method"),
     "evaluate": ("freeatten_core.evaluate", "length-extrapolation evaluation of a checkpoint"),
+    "data": ("freeatten_core.data", "fetch and cache the data (shakespeare, gpt2 BPE ranks, fineweb shards)"),
     "methods": (None, "list the attention methods"),
 }
 

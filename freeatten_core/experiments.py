@@ -171,21 +171,19 @@ def extrapolation_claims(results: dict, metric: str = "loss_last") -> list[dict]
         rows.append(dict(id="lssar_flat", claim=f"LSSAR (p = 15) stays almost flat up to {k}x",
                          paper="+0.13 nats (+4 %) from 1x to 8x", reproduced=r <= FLAT_TOLERANCE,
                          measured=f"LSSAR: {rise('lssar'):+.3f} nats ({100 * r:+.1f} %) from 1x to {k}x"))
-    if {"lssar", "softmax"} <= have:
-        a, b = loss_at(results["lssar"], k, metric), loss_at(results["softmax"], k, metric)
-        rows.append(dict(id="lssar_beats_softmax", claim=f"LSSAR beats softmax at {k}x",
-                         paper="3.32 vs 6.28 at 8x", reproduced=a < b,
-                         measured=f"LSSAR {a:.3f} vs softmax {b:.3f} at {k}x"))
-    if {"lssar", "lssa"} <= have:
-        a, b = loss_at(results["lssar"], k, metric), loss_at(results["lssa"], k, metric)
-        rows.append(dict(id="lssar_beats_lssa", claim=f"Re-weighting (trained) helps LSSA at {k}x",
-                         paper="3.32 vs 5.94 at 8x", reproduced=a < b,
-                         measured=f"LSSAR {a:.3f} vs LSSA {b:.3f} at {k}x"))
-    if {"lssa+reweight@eval", "lssa"} <= have:
-        a, b = loss_at(results["lssa+reweight@eval"], k, metric), loss_at(results["lssa"], k, metric)
-        rows.append(dict(id="reweight_at_inference", claim=f"Re-weighting only at inference helps LSSA at {k}x",
-                         paper="v1-v2: fine-tuning-free (no number)", reproduced=a < b,
-                         measured=f"LSSA re-weighted at inference {a:.3f} vs LSSA {b:.3f} at {k}x"))
+    def beats(id, claim, paper, a_var, b_var, a_label, b_label):
+        # the claim "a_var has a lower loss than b_var at the longest length"
+        if {a_var, b_var} <= have:
+            a, b = loss_at(results[a_var], k, metric), loss_at(results[b_var], k, metric)
+            rows.append(dict(id=id, claim=claim, paper=paper, reproduced=a < b,
+                             measured=f"{a_label} {a:.3f} vs {b_label} {b:.3f} at {k}x"))
+
+    beats("lssar_beats_softmax", f"LSSAR beats softmax at {k}x", "3.32 vs 6.28 at 8x",
+          "lssar", "softmax", "LSSAR", "softmax")
+    beats("lssar_beats_lssa", f"Re-weighting (trained) helps LSSA at {k}x", "3.32 vs 5.94 at 8x",
+          "lssar", "lssa", "LSSAR", "LSSA")
+    beats("reweight_at_inference", f"Re-weighting only at inference helps LSSA at {k}x",
+          "v1-v2: fine-tuning-free (no number)", "lssa+reweight@eval", "lssa", "LSSA re-weighted at inference", "LSSA")
     trained_as_is = [v for v in results if results[v]["evaluated"]["method"] == results[v]["trained"]["method"]]
     if len(trained_as_is) >= 2:
         l1 = {v: loss_at(results[v], 1, metric) for v in trained_as_is}

@@ -81,6 +81,16 @@ def test_softmax_equals_sdpa(causal, Lq, Lk):
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq,Lk", [(9, 9), (4, 11), (1, 5)])
+def test_sdpa_softmax_path(causal, Lq, Lk):
+    # what backend="auto" runs for softmax on CUDA, checked here on the CPU against the reference
+    from freeatten_core.attention.api import sdpa_softmax
+    q, k, v = rand_qkv(2, 3, Lq, Lk, 16, seed=19)
+    torch.testing.assert_close(sdpa_softmax(q, k, v, causal), fa.attention(q, k, v, method="softmax", causal=causal,
+                                                                          backend="reference"))
+
+
 def test_exp_l1_is_softmax():
     q, k, v = rand_qkv(seed=6, scale=5.0)
     torch.testing.assert_close(fa.attention(q, k, v, method="exp_l1"), fa.attention(q, k, v, method="softmax"))

@@ -13,15 +13,6 @@ from freeatten_core import train as T
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on 2 cores, and no spin-waiting under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny LSSA model trained a few steps on the real (byte-level) corpus."""

@@ -7,15 +7,6 @@ import freeatten_core as fa
 from freeatten_core.model import GPT, GPTConfig, Rotary
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on 2 cores, and no spin-waiting under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(method="softmax", **kw):
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, attention=method, **kw)
     torch.manual_seed(0)

@@ -16,15 +16,6 @@ from freeatten_core.data import TokenData
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on 2 cores, and no spin-waiting under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic(vocab=64, n=6000, seed=0):
     rng = np.random.default_rng(seed)
     # a learnable stream: a noisy repeating pattern

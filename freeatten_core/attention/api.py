@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .methods import BACKENDS, FUSED_METHODS, METHODS, resolve
@@ -56,6 +57,20 @@ def _triton_backend():
     return triton_kernels, None
 
 
+def sdpa_softmax(q, k, v, causal: bool):
+    """Softmax attention through PyTorch's fused ``scaled_dot_product_attention``, bottom-right causal.
+
+    What ``backend="auto"`` uses for ``softmax`` on CUDA, so a softmax baseline never materialises ``[Lq, Lk]``.
+    """
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.shape[-2] == k.shape[-2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # SDPA's is_causal aligns top-left; the package aligns the queries to the last keys
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=reference.visible_mask(q.shape[-2], k.shape[-2], True,
+                                                                                       q.device))
+
+
 def attention(q, k, v, method: str = "lssar", causal: bool = True, backend: str = "auto", **options):
     """Attention output ``[B, H, Lq, D]`` for ``q`` ``[B, H, Lq, D]``, ``k``, ``v`` ``[B, H, Lk, D]``.
 
@@ -63,13 +78,16 @@ def attention(q, k, v, method: str = "lssar", causal: bool = True, backend: str 
     causal: mask future keys; with ``Lq < Lk`` queries align to the last ``Lq`` keys, and ``N_i`` counts the
         keys query ``i`` sees.
     backend: ``"reference"`` (plain PyTorch, any device, materialises ``[Lq, Lk]``), ``"triton"`` (fused
-        kernels for ``lssa``/``lssar``), ``"auto"`` (fused where it can run, reference otherwise).
+        kernels for ``lssa``/``lssar``), ``"auto"`` (fused where it can run, reference otherwise: on CUDA the
+        Triton kernels for ``lssa``/``lssar`` and PyTorch SDPA for ``softmax``).
     options: method options, e.g. ``p=15.0, offset_rows=3`` for ``lssar``; ``s=1.0`` for ``ssmax``.
     """
     _check_tensors({"q": q, "k": k, "v": v}, causal)
     m, opts = resolve(method, options)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "auto" and m.name == "softmax" and q.is_cuda:
+        return sdpa_softmax(q, k, v, causal)
     if backend in ("triton", "auto"):
         kernels, why = _triton_backend() if m.name in FUSED_METHODS else (None, f"method {m.name!r} has no "
                                                                          f"fused kernel (those do: "
