@@ -21,7 +21,6 @@ only) in seconds: it checks the plumbing and the JSON/plot, and its timings are 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
@@ -29,7 +28,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -157,7 +155,6 @@ def _flex_lse(flex, q, k, v, score_mod, block_mask):
 def make_impl(impl: str, method: str, L: int, D: int, causal: bool, p: float, offset_rows: int, device,
               smoke: bool):
     """(f(q, k, v), label) for one implementation."""
-    import torch
     import torch.nn.functional as F
 
     from freeatten_core.attention import api
@@ -266,39 +263,6 @@ def measure(fn, q, k, v, do, modes, warmup, reps, cuda, timed=True) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _git(*args) -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def provenance(device_name: str, argv: list[str]) -> dict:
-    import torch
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "command": " ".join(["python -m freeatten_core bench", *map(shlex.quote, argv)]),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-    }
-
-
 def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:60] or "device"
 
@@ -373,6 +337,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from .provenance import provenance as _provenance
+
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
         print("bench: no CUDA device; run on a GPU, or use --cpu-smoke for a tiny CPU check of the plumbing",
@@ -418,7 +384,7 @@ def main(argv=None) -> int:
                 for method in methods:
                     if args.cpu_smoke and impl == "flex":
                         # FlexAttention has no CPU backward: check its forward only (eager, no compile)
-                        modes, qq, kk, vv = ("fwd",), q.detach(), k.detach(), v.detach()
+                        qq, kk, vv = q.detach(), k.detach(), v.detach()
                         fn = make_impl(impl, method, L, D, args.causal, args.p, args.offset_rows, device, True)
                         r = {"status": "ok", "ms": {}, "peak_mem_bytes": None, "error": None}
                         if timed:
@@ -447,7 +413,8 @@ def main(argv=None) -> int:
     data = {
         "schema_version": SCHEMA_VERSION,
         "kind": "cpu-smoke (Triton interpreter: not a speed measurement)" if args.cpu_smoke else "gpu-benchmark",
-        "provenance": provenance(device_name, argv),
+        "provenance": {**_provenance(" ".join(["python -m freeatten_core bench", *map(shlex.quote, argv)]), device),
+                       "device": device_name},
         "config": {"batch": B, "heads": H, "dtype": args.dtype, "causal": args.causal, "lengths": args.lengths,
                    "mem_lengths": args.mem_lengths, "head_dims": args.head_dims, "methods": args.methods,
                    "impls": args.impls, "p": args.p, "offset_rows": args.offset_rows, "warmup": args.warmup,

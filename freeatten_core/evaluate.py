@@ -23,16 +23,14 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .provenance import provenance
 from .train import atomic_write_text, autocast_for, load_model, parse_options, resolve_device
 
 
@@ -62,33 +60,6 @@ def evaluate_model(model, val_docs, block_size: int, factors=(1, 2, 4, 8, 16), n
             "loss_by_position": [round(float(x), 5) for x in per_pos],
         }
     return out
-
-
-def git_commit() -> str | None:
-    """The commit of the working tree (``+dirty`` when it has uncommitted changes), or None outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(command: str | None = None, device=None) -> dict:
-    """Where a result came from: device, versions, commit, command line and UTC date."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-    return {
-        "device": f"{device.type}: {name}", "torch": torch.__version__, "python": platform.python_version(),
-        "git_commit": git_commit(), "command": command if command is not None else " ".join(sys.argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
 
 
 def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | None = None, factors=None,

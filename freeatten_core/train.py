@@ -12,7 +12,7 @@ Command line::
     python -m freeatten_core train --preset ci --method lssar --option p=15 --out-dir runs/lssar
     torchrun --nproc_per_node 8 -m freeatten_core train --preset paper --method lssar --data-path DIR
     python -m freeatten_core train --preset gpu --method lssar --backend triton --throughput   # tokens/s
-    python -m freeatten_core train --preset gpu --method softmax --throughput --sdpa          # the yardstick
+    python -m freeatten_core train --preset gpu --method softmax --throughput   # the yardstick (SDPA on CUDA)
 
 Reproducibility: the batches of step ``s`` are a pure function of ``(seed, s, micro-batch index)`` (see
 :func:`freeatten_core.data.get_batch`), the model is initialised from ``seed``, and a checkpoint stores the model,
@@ -389,35 +389,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
 # Throughput (tokens/s) of one training step, e.g. fused LSSAR against SDPA softmax on a GPU
 # ------------------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def sdpa_softmax():
-    """Inside this block the model's softmax attention runs on ``F.scaled_dot_product_attention`` (flash on
-    GPU): the yardstick for throughput. Only for full causal self-attention (Lq = Lk); other methods and calls
-    are passed to :func:`freeatten_core.attention` unchanged. A measurement harness, not a model feature."""
-    import torch.nn.functional as F
-
-    from . import model as model_module
-
-    api = model_module.attention_fn
-
-    def attention(q, k, v, method="lssar", causal=True, backend="auto", **options):
-        if method == "softmax" and causal and q.shape[2] == k.shape[2] and not options:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return api(q, k, v, method=method, causal=causal, backend=backend, **options)
-
-    model_module.attention_fn = attention
-    try:
-        yield
-    finally:
-        model_module.attention_fn = api
-
-
 def measure_throughput(model_cfg: GPTConfig, batch_size: int, steps: int = 20, warmup: int = 5, device="auto",
-                       dtype: str = "auto", compile: bool = False, seed: int = 0, sdpa: bool = False) -> dict:
+                       dtype: str = "auto", compile: bool = False, seed: int = 0) -> dict:
     """Training tokens per second (forward + backward + AdamW) on random tokens of length ``block_size``.
 
-    ``sdpa=True`` runs softmax through PyTorch SDPA (see :func:`sdpa_softmax`): the GPU comparison is
-    ``lssar`` with ``backend="triton"`` against ``softmax`` with ``sdpa=True``, same model otherwise.
+    The GPU comparison is ``lssar`` with ``backend="triton"`` against ``softmax`` with ``backend="auto"``, which
+    on CUDA runs PyTorch SDPA (flash) through :func:`freeatten_core.attention`; same model otherwise.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     torch.manual_seed(seed)
@@ -435,17 +412,16 @@ def measure_throughput(model_cfg: GPTConfig, batch_size: int, steps: int = 20, w
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with sdpa_softmax() if sdpa else contextlib.nullcontext():
-        for _ in range(warmup):
-            step()
-        sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
     dt = (time.perf_counter() - t) / steps
-    return {"attention": model_cfg.attention, "backend": "sdpa" if sdpa and model_cfg.attention == "softmax"
-            else model_cfg.backend, "batch_size": batch_size, "block_size": L, "params": model.num_params(),
+    sdpa = model_cfg.attention == "softmax" and model_cfg.backend == "auto" and device.type == "cuda"
+    return {"attention": model_cfg.attention, "backend": "sdpa" if sdpa else model_cfg.backend, "batch_size": batch_size, "block_size": L, "params": model.num_params(),
             "ms_per_step": 1000 * dt, "tokens_per_s": batch_size * L / dt, "device": str(device), "dtype": dtype,
             "compile": compile}
 
@@ -490,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     ap.add_argument("--throughput", action="store_true", help="measure training tokens/s on random tokens only")
-    ap.add_argument("--sdpa", action="store_true", help="with --throughput: run softmax through PyTorch SDPA")
     return ap
 
 
@@ -526,7 +501,7 @@ def main(argv=None) -> int:
     if args.throughput:
         mcfg = cfg.model_config(vocab_size=50257 if cfg.tokenizer == "gpt2" else 256)
         print(json.dumps(measure_throughput(mcfg, cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
-                                            compile=cfg.compile, sdpa=args.sdpa)))
+                                            compile=cfg.compile)))
         return 0
     from .data import DataError
 
