@@ -40,13 +40,14 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Whether triton runs kernels in its interpreter (read once, at import, as triton itself does)."""
@@ -477,10 +478,9 @@ def _dot_types(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def _scale(Lq: int, Lk: int, D: int, causal: bool, device) -> torch.Tensor:
-    """c_i = ln(d)·ln(N_i) for every query row, [Lq] float32 (computed in float64)."""
-    N = torch.arange(Lk - Lq + 1, Lk + 1, dtype=torch.float64) if causal else torch.full((Lq,), float(Lk),
-                                                                                            dtype=torch.float64)
-    return (math.log(D) * torch.log(N)).to(device=device, dtype=torch.float32)
+    """c_i = ln(d)·ln(N_i) for every query row, [Lq] float32 (computed in float64, as the reference defines it)."""
+    N = reference.row_counts(Lq, Lk, causal, dtype=torch.float64)
+    return reference.length_scale(N, D).to(device=device, dtype=torch.float32)
 
 
 def lssa_fwd(qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
