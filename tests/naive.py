@@ -1,6 +1,6 @@
 """An independent float64 transcription of every method, one query row at a time, in NumPy.
 
-Written straight from the formulas in ``shared/spec/paper.md`` (and the method table), deliberately sharing
+Written straight from the formulas of the paper (and the method table), deliberately sharing
 no code with ``freeatten_core``: a loop over rows, literal formulas (``ReLU(x)**p`` without any max trick,
 which float64 holds for the lengths used in the tests).
 """
@@ -29,10 +29,11 @@ def _softmax(s):
     return e / e.sum()
 
 
-def _reweight(a, n, p, offset_rows):
+def _reweight(a, n, p, offset_rows, score_bound, d):
     o = 0.0 if n <= offset_rows else 1.0
     x = n * a - o
-    if x.max() <= 0:  # exactly uniform row: keep the weights
+    # no weight above uniform beyond float64 rounding (scores of size <= score_bound from d-term dot products)
+    if x.max() <= np.finfo(np.float64).eps * (8 + 2 * score_bound * d + n / 16):
         return a
     r = np.maximum(x, 0.0) ** p
     return r / r.sum()
@@ -54,12 +55,13 @@ def row_weights(qi, K, n, method, opts):
         return f / f.sum()
     if method == "lssar":
         f = _softplus(c * cos)
-        return _reweight(f / f.sum(), n, p, off)
+        return _reweight(f / f.sum(), n, p, off, c, d)
     if method == "softmax_reweight":
-        return _reweight(_softmax(dot), n, p, off)
+        bound = np.linalg.norm(qi) * np.linalg.norm(K, axis=1).max() / math.sqrt(d)
+        return _reweight(_softmax(dot), n, p, off, bound, d)
     if method == "sigmoid_l1_reweight":
         f = _sigmoid(c * cos)
-        return _reweight(f / f.sum(), n, p, off)
+        return _reweight(f / f.sum(), n, p, off, c, d)
     if method == "sigmoid":
         return _sigmoid(dot - math.log(n))
     if method == "relu":

@@ -149,6 +149,39 @@ def test_lssar_uniform_row_keeps_lssa_weights():
     torch.testing.assert_close(W, torch.full_like(W, 1 / 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["lssar", "sigmoid_l1_reweight", "softmax_reweight"])
+def test_equal_keys_give_exactly_the_running_mean(method, dtype):
+    # Equal random keys: every causal row is uniform in exact arithmetic, but a matmul may round identical
+    # columns differently (it does on some CPUs), which makes x = N·A − 1 rounding noise that the power p would
+    # amplify into an arbitrary pick. The uniform-row rule (M_i ≤ τ_i) absorbs exactly that noise, so the
+    # output is the running mean of v on every machine.
+    L, D = 70, 32
+    q, k, v = rand_qkv(2, 2, L, L, D, seed=21, dtype=dtype)
+    k = k[:, :, :1].expand_as(k).contiguous()
+    o = fa.attention(q, k, v, method=method, causal=True, backend="reference")
+    n = torch.arange(1, L + 1, dtype=torch.float64)[:, None]
+    mean = v.double().cumsum(2) / n
+    assert (o.double() - mean).abs().max().item() < 1e-5 * mean.abs().max().item()
+
+
+def test_uniform_threshold_is_tight():
+    # A row whose largest weight is above uniform by 10·τ is re-weighted: the rule only absorbs rounding.
+    L, D = 64, 32
+    N = torch.tensor([float(L)], dtype=torch.float64)
+    c = reference.length_scale(N, D)
+    tau = reference.uniform_threshold(c, N, D, torch.float32).item()
+    assert 1e-6 < tau < 1e-3
+    A = torch.full((1, L), 1 / L, dtype=torch.float64)
+    A[0, 5] *= 1 + 10 * tau
+    A = A / A.sum()
+    P = reference.reweight(A.float(), N.float(), 15.0, 3, c.float(), D)
+    assert P[0, 5] > 0.99  # the only key above uniform takes the weight
+    A[0, 5] = 1 / L
+    P = reference.reweight((A / A.sum()).float(), N.float(), 15.0, 3, c.float(), D)
+    torch.testing.assert_close(P, torch.full_like(P, 1 / L))
+
+
 def test_lssar_is_sharper_than_lssa():
     q, k, _ = rand_qkv(1, 4, 64, 64, 16, seed=13)
     ent = lambda w: -(w * torch.log(torch.where(w > 0, w, torch.ones_like(w)))).sum(-1)  # noqa: E731

@@ -104,21 +104,43 @@ def l1_normalise(f: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, f / torch.where(pos, Z, torch.ones_like(Z)), torch.zeros_like(f))
 
 
-def reweight(A: torch.Tensor, N: torch.Tensor, p: float, offset_rows: int) -> torch.Tensor:
+def uniform_threshold(score_bound: torch.Tensor, N: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """τ_i: the largest ``M_i = max_j x_ij`` that rounding alone can produce on an exactly uniform row.
+
+    ``score_bound`` bounds |s_ij| on each row (``c_i = ln d·ln N_i`` for the unit-sphere scores), ``N`` the
+    row counts, ``D`` the head dim, ``dtype`` the dtype the row is accumulated in. With ε its machine epsilon:
+
+    * a score s = S·q̂·k̂ carries a rounding error of at most S·D·ε (a D-term dot product), and the positivity
+      map turns it into a relative error of f of at most the same (d ln f/ds ≤ 1 for softplus, σ and exp);
+    * x_ij = N_i·f_ij/Z_i − 1 then differs between keys of equal exact weight by at most 2·(S·D + 2)·ε;
+    * an error in Z_i shifts every x of the row alike; a blocked or pairwise sum of N terms keeps it below
+      N/16·ε for the tile sizes used here.
+
+    So τ_i = ε·(8 + 2·S_i·D + N_i/16). A row with ``M_i ≤ τ_i`` has no weight measurably above uniform and
+    keeps its ℓ1 weights (the "Decisions" page of the book: exactly uniform rows).
+    """
+    eps = torch.finfo(dtype).eps
+    return eps * (8 + 2 * score_bound * D + N / 16)
+
+
+def reweight(A: torch.Tensor, N: torch.Tensor, p: float, offset_rows: int,
+             score_bound: torch.Tensor, D: int) -> torch.Tensor:
     """The re-weighting stage of LSSAR, applied to ℓ1-normalised weights ``A`` ``[..., Lq, Lk]``.
 
     x_ij = N_i·A_ij − O_i (O_i = 0 for rows with N_i ≤ offset_rows, else 1), r = ReLU(x)^p, P = r / Σ r.
 
     Computed exactly and overflow-free by dividing x by its row maximum M_i before the power:
     (ReLU(x)/M)^p ∈ [0, 1] and the row sum is ≥ 1. P does not depend on M, so M is detached (its gradient
-    contribution is exactly zero). A row with M_i ≤ 0 (only an exactly uniform row with O_i = 1) keeps ``A``.
-    Invisible keys must have A = 0 there, which gives x ≤ 0 and weight 0.
+    contribution is exactly zero). A row with M_i ≤ τ_i (:func:`uniform_threshold`: no weight above uniform
+    beyond rounding, e.g. every key equal) keeps ``A``; ``score_bound`` (broadcastable to ``[..., Lq, 1]``)
+    bounds the row's scores and ``D`` is the head dim. Invisible keys must have A = 0 there, which gives
+    x ≤ 0 and weight 0.
     """
     N = N[:, None]
     O = (N > offset_rows).to(A.dtype)
     x = N * A - O
     M = x.amax(dim=-1, keepdim=True).detach()
-    ok = M > 0
+    ok = M > uniform_threshold(score_bound, N, D, A.dtype)
     u = (torch.relu(x) / torch.where(ok, M, torch.ones_like(M))) ** p
     U = u.sum(dim=-1, keepdim=True)
     return torch.where(ok, u / torch.where(ok, U, torch.ones_like(U)), A)
@@ -146,17 +168,25 @@ def _lssa(q, k, N, mask):
 
 
 def _lssar(q, k, N, mask, p=15.0, offset_rows=3):
-    return reweight(_lssa(q, k, N, mask), N, p, offset_rows)
+    D = q.shape[-1]
+    return reweight(_lssa(q, k, N, mask), N, p, offset_rows, length_scale(N, D)[:, None], D)
+
+
+def _dot_score_bound(q, k):
+    """A bound on |q_i·k_j|/√d per row, ``[B, H, Lq, 1]`` (Cauchy–Schwarz)."""
+    kmax = k.norm(dim=-1).amax(dim=-1, keepdim=True)[..., None]
+    return (q.norm(dim=-1, keepdim=True) * kmax / math.sqrt(q.shape[-1])).detach()
 
 
 def _softmax_reweight(q, k, N, mask, p=15.0, offset_rows=3):
-    return reweight(_softmax(q, k, N, mask), N, p, offset_rows)
+    return reweight(_softmax(q, k, N, mask), N, p, offset_rows, _dot_score_bound(q, k), q.shape[-1])
 
 
 def _sigmoid_l1_reweight(q, k, N, mask, p=15.0, offset_rows=3):
     # The paper's "Sigmoid + ℓ1 + re-weighting" ablation: LSSAR with σ in place of softplus.
     f = mask_fill(torch.sigmoid(lss_scores(q, k, N)), mask, 0.0)
-    return reweight(l1_normalise(f), N, p, offset_rows)
+    D = q.shape[-1]
+    return reweight(l1_normalise(f), N, p, offset_rows, length_scale(N, D)[:, None], D)
 
 
 def _sigmoid(q, k, N, mask):
