@@ -29,15 +29,17 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from .model import GPT, GPTConfig
 from .presets import PRESETS, get_preset
 
@@ -76,6 +78,7 @@ class TrainConfig:
     log_interval: int = 10
     progress: bool = True
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
+    allow_config_change: bool = False  # resume although the config differs (recorded in config_changes.jsonl)
     # evaluation (used by freeatten_core.evaluate)
     eval_factors: tuple = (1, 2, 4, 8, 16)
     eval_windows: int = 16
@@ -87,13 +90,41 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+        for name in ("warmup_steps", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if not (self.lr > 0 and self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                      for b in betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: auto, float32, bfloat16")
-        self.betas, self.eval_factors = tuple(self.betas), tuple(int(k) for k in self.eval_factors)
+        factors = tuple(self.eval_factors) if isinstance(self.eval_factors, (list, tuple)) else ()
+        if not factors or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
+                                       for k in factors):
+            raise ValueError(f"TrainConfig.eval_factors must be a non-empty list of integers >= 1, "
+                             f"got {self.eval_factors!r}")
+        from .data import CORPORA, TOKENIZERS
+
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; valid corpora: {', '.join(CORPORA)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; valid tokenizers: {', '.join(TOKENIZERS)}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"unknown device {self.device!r} (e.g. auto, cpu, cuda, cuda:1)") from e
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
+            raise ValueError(f"TrainConfig.out_dir must be a non-empty path, got {self.out_dir!r}")
+        self.betas, self.eval_factors = betas, tuple(int(k) for k in factors)
         self.model_config()  # validates the model fields and the attention method/options
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
@@ -189,29 +220,9 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------------------
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a crash never leaves a
-    half-written checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+# The package's one atomic writer (freeatten_core.atomic); these names are kept for callers of train.py.
+atomic_torch_save = atomic.torch_save
+atomic_write_text = atomic.write_text
 
 
 _CKPT_KEYS = ("model", "model_config", "train_config", "step")
@@ -249,18 +260,50 @@ def load_model(path, device="cpu") -> tuple[GPT, dict]:
 # The training loop
 # ------------------------------------------------------------------------------------------------------------
 
-def _log_lines(path: Path, upto_step: int) -> list[str]:
-    """The JSONL lines of an earlier run up to (excluding) ``upto_step``: a resumed run rewrites the rest."""
+def read_log(path) -> list[dict]:
+    """The records of a ``log.jsonl``. A line that is not a JSON record with an integer ``step`` (e.g. one cut
+    by a crash mid-write) is reported with its line number and skipped; the lines after it are kept."""
+    path = Path(path)
     if not path.exists():
         return []
-    keep = []
-    for line in path.read_text().splitlines():
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            if json.loads(line).get("step", -1) < upto_step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a crash
-    return keep
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            warnings.warn(f"{path}, line {n}: corrupt record skipped ({e}): {line[:80]!r}", stacklevel=2)
+            continue
+        records.append(rec)
+    return records
+
+
+def _log_lines(path: Path, upto_step: int) -> list[str]:
+    """The JSONL lines of an earlier run up to (excluding) ``upto_step``: a resumed run rewrites the rest."""
+    return [json.dumps(r) for r in read_log(path) if r["step"] < upto_step]
+
+
+RESUME_FREE = ("out_dir", "progress", "resume", "allow_config_change", "device", "compile", "ckpt_interval",
+               "log_interval", "data_path")
+"""TrainConfig fields that may change when a run is resumed: where it runs and how often it reports, not what
+it computes. Any other difference stops the resume (see :func:`config_changes`)."""
+
+CONFIG_CHANGES = "config_changes.jsonl"
+
+
+def config_changes(saved: dict, cfg: "TrainConfig") -> dict:
+    """``{field: [saved value, new value]}`` for the fields outside :data:`RESUME_FREE` that differ."""
+    new = cfg.to_dict()
+    missing = object()
+    return {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new))
+            if k not in RESUME_FREE and saved.get(k, missing) != new.get(k, missing)}
+
+
+def _architecture(model_config: dict) -> dict:
+    return {k: v for k, v in model_config.items() if k not in ("attention", "attention_options", "backend")}
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
@@ -276,7 +319,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
     if device.type == "cuda":  # TF32 for the float32 matmuls that autocast leaves (as nanoGPT does)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.out_dir)
+    out = atomic.check_output_dir(cfg.out_dir, "run directory (--out-dir)")
+    if dist_info.master:
+        atomic.remove_stale_temporaries(out)  # partial files of a killed run
     data = data if data is not None else load_tokens(cfg.corpus, cfg.tokenizer, cfg.data_path)
     mcfg = cfg.model_config(vocab_size=data.vocab_size)
     L = mcfg.block_size
@@ -288,10 +333,30 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
     ckpt_path = out / CHECKPOINT
     if cfg.resume and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path, map_location=device)
-        if ckpt["model_config"] != mcfg.to_dict():
+        if _architecture(ckpt["model_config"]) != _architecture(mcfg.to_dict()):
             raise ValueError(f"{ckpt_path} was trained with a different model ({ckpt['model_config']}); use another "
                              f"--out-dir or --no-resume")
-        model.load_state_dict(ckpt["model"])
+        changes = config_changes(ckpt["train_config"], cfg)
+        if changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            if not cfg.allow_config_change:
+                raise ValueError(f"{ckpt_path} (step {ckpt['step']}) was trained with another config ({listed}). "
+                                 f"Resume with the recorded values, use another --out-dir, start over with "
+                                 f"--no-resume, or continue with the new values with --allow-config-change "
+                                 f"(recorded in {out / CONFIG_CHANGES})")
+            if dist_info.master:
+                from .provenance import provenance
+
+                record = {"step": int(ckpt["step"]), "changes": changes, "provenance": provenance()}
+                old = (out / CONFIG_CHANGES).read_text() if (out / CONFIG_CHANGES).exists() else ""
+                atomic.write_text(out / CONFIG_CHANGES, old + atomic.dumps_json(record, indent=None) + "\n")
+            warnings.warn(f"resuming {ckpt_path} with a changed config ({listed}); recorded in "
+                          f"{out / CONFIG_CHANGES}", stacklevel=2)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt_path}: its weights do not fit this model ({e}); use another --out-dir or "
+                             f"--no-resume") from e
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history = int(ckpt["step"]), list(ckpt.get("history", []))
         if "torch_rng" in ckpt:
@@ -379,7 +444,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
     tail = [loss for _, loss in history[-max(1, len(history) // 10):]]
     return {
         "out_dir": str(out), "checkpoint": str(ckpt_path), "steps": step, "losses": [loss for _, loss in history],
-        "final_loss": sum(tail) / len(tail) if tail else float("nan"), "params": raw_model.num_params(),
+        "final_loss": sum(tail) / len(tail) if tail else None, "params": raw_model.num_params(),
         "seconds": elapsed, "tokens_per_s": steps_done * tokens_per_step / max(elapsed, 1e-9),
         "attention": mcfg.attention, "attention_options": mcfg.attention_options, "world_size": dist_info.world,
     }
@@ -434,13 +499,16 @@ def parse_options(items) -> dict:
     """``["p=15", "offset_rows=3"]`` -> ``{"p": 15, "offset_rows": 3}`` (values parsed as JSON when they can be)."""
     out = {}
     for item in items or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ValueError(f"expected NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        k = k.strip()
+        if k in out:
+            raise ValueError(f"{k} is given twice ({k}={json.dumps(out[k])} and {item}); give it once")
         try:
-            out[k.strip()] = json.loads(v)
+            out[k] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            out[k] = v
     return out
 
 
@@ -465,29 +533,45 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    ap.add_argument("--allow-config-change", action="store_true",
+                    help="resume although the training config differs from the checkpoint's (the change is "
+                         "recorded in <out-dir>/config_changes.jsonl)")
     ap.add_argument("--throughput", action="store_true", help="measure training tokens/s on random tokens only")
     return ap
 
 
+# command-line flag -> the TrainConfig field it sets (the same field given by --set as well is an error)
+_FLAG_FIELDS = {"method": "attention", "option": "attention_options", "backend": "backend", "model": "model",
+                "steps": "max_steps", "out_dir": "out_dir", "batch_size": "batch_size", "grad_accum": "grad_accum",
+                "lr": "lr", "seed": "seed", "device": "device", "dtype": "dtype", "corpus": "corpus",
+                "tokenizer": "tokenizer", "data_path": "data_path", "ckpt_interval": "ckpt_interval",
+                "compile": "compile", "no_progress": "progress", "no_resume": "resume",
+                "allow_config_change": "allow_config_change"}
+
+
 def config_from_args(args) -> TrainConfig:
     over = parse_options(args.set)
-    if args.method is not None:
-        over["attention"] = args.method
-    if args.option:
-        over["attention_options"] = parse_options(args.option)
-    if args.backend is not None:
-        over["backend"] = args.backend
-    if args.model:
-        over["model"] = parse_options(args.model)
-    for name in ("batch_size", "grad_accum", "lr", "seed", "device", "dtype", "corpus", "tokenizer", "data_path",
-                 "ckpt_interval", "compile"):
-        if getattr(args, name) is not None:
-            over[name] = getattr(args, name)
-    if args.steps is not None:
-        over["max_steps"] = args.steps
-    over["out_dir"] = args.out_dir or f"runs/{args.preset}_{over.get('attention', 'softmax')}"
-    over["progress"] = not args.no_progress
-    over["resume"] = not args.no_resume
+    given = {}
+    for flag, fld in _FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is None or value == [] or (value is False and flag in ("no_progress", "no_resume",
+                                                                           "allow_config_change")):
+            continue
+        if fld in over:
+            raise ValueError(f"--set {fld}={json.dumps(over[fld])} and --{flag.replace('_', '-')} both set "
+                             f"{fld}; give it once")
+        given[fld] = value
+    for fld in ("attention_options", "model"):
+        if fld in given:
+            given[fld] = parse_options(given[fld])
+    for fld in ("progress", "resume"):
+        if fld in given:
+            given[fld] = False  # --no-progress, --no-resume
+    over.update(given)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    over.setdefault("out_dir", f"runs/{args.preset}_{over.get('attention', 'softmax')}")
+    over.setdefault("progress", True)
     return config_from_preset(args.preset, **over)
 
 
@@ -495,6 +579,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        if not args.throughput:
+            atomic.check_output_dir(cfg.out_dir, "run directory (--out-dir)")
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -512,7 +598,7 @@ def main(argv=None) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         summary.pop("losses")
-        print(json.dumps(summary))
+        print(atomic.dumps_json(summary, indent=None))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -155,5 +155,8 @@ def test_cli_resume_with_another_model_is_an_error_not_a_traceback(tmp_path, cap
             "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2", "--model", "block_size=16"]
     assert T.main(args) == 0
     capsys.readouterr()
-    assert T.main([*args, "--model", "n_head=4"]) == 1  # same run directory, another model
+    other = [a if a != "n_head=2" else "n_head=4" for a in args]
+    assert T.main(other) == 1  # same run directory, another model
     assert "different model" in capsys.readouterr().err
+    assert T.main([*args, "--model", "n_head=4"]) == 2  # a field given twice is an error, not "the last wins"
+    assert "n_head is given twice" in capsys.readouterr().err
