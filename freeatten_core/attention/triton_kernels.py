@@ -592,3 +592,43 @@ def unsupported_reason(q, k, v, explicit: bool) -> str | None:
 __all__ = ["attention", "unsupported_reason", "LSSAFunction", "lssa_fwd", "lssa_bwd", "poison_outputs",
            "emulate_gpu_dots",
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "INTERPRET"]
+
+
+def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
+    """The kernel report's configurations (see :mod:`freeatten_core.kernel_report`): today's kernels with their
+    first GPU tile candidate, and the softmax yardsticks in the same tiles."""
+    dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+    qk = "fp32" if dt == "fp32" else "fp16"
+    codes = dict(QK_DT=_DT_F32, PV_DT=_DT_F32, DS_DT=_DT_F32) if dt == "fp32" else \
+        dict(QK_DT=_DT_F16, PV_DT=_DT_BF16 if dt == "bf16" else _DT_F16, DS_DT=_DT_BF16)
+    i32, f32 = "i32", "fp32"
+    common = dict(Lq=i32, Lk=i32, off=i32)
+    strides = dict(s_qbh=i32, s_ql=i32, s_kbh=i32, s_kl=i32)
+    out = []
+
+    def case(name, kernel, module, sig, const, kind, loops, budget_of=None):
+        bm, bn, w, st = GPU_CANDIDATES[kind][0]
+        out.append(dict(name=name, module=module, kernel=kernel, signature=sig, BM=bm, BN=bn, num_warps=w,
+                        num_stages=st, constexprs=dict(const, BM=bm, BN=bn), loops=loops, D=D, dtype=dtype,
+                        causal=causal, budget_of=budget_of or name))
+
+    me = __name__
+    for rw in (False, True):
+        m = "lssar" if rw else "lssa"
+        base = dict(D=D, CAUSAL=causal, REWEIGHT=rw)
+        case(f"{m}_fwd", "lssa_fwd_kernel", me,
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", o="*fp32", stats="*fp32", **common,
+                  offset_rows=i32, P=f32, n_rows=i32, **strides),
+             dict(base, P_INT=15, QK_DT=codes["QK_DT"], PV_DT=codes["PV_DT"]), "fwd",
+             ["pass1", "pass2"] if rw else ["loop"])
+        case(f"{m}_dq", "lssa_bwd_dq_kernel", me,
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", o="*fp32", do="*" + dt, stats="*fp32",
+                  dq="*fp32", delta="*fp32", rterm="*fp32", **common, offset_rows=i32, P=f32, n_rows=i32, **strides),
+             dict(base, PM1_INT=14, **codes), "dq", ["loop"])
+        case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", me,
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", do="*" + dt, stats="*fp32", delta="*fp32",
+                  rterm="*fp32", dk="*fp32", dv="*" + dt, **common, P=f32, n_rows=i32, **strides),
+             dict(base, PM1_INT=14, **codes), "dkdv", ["loop"])
+    from . import yardstick_kernels
+
+    return out + yardstick_kernels.report_cases(D, dtype, causal, {k: v[0] for k, v in GPU_CANDIDATES.items()})
