@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 _TMP = re.compile(r"\.(\d+)-[A-Za-z0-9_]+\.tmp$")  # <name>.<pid>-<random>.tmp
+# temporaries of versions before the pid was in the name: <name>.<random>.tmp, tmp<random>.npy / .bin.tmp
+_LEGACY_TMP = re.compile(r"(\.[a-z0-9_]{8}\.tmp|^tmp[a-z0-9_]{8}(\.npy|\.bin\.tmp))$")
 
 
 class OutputPathError(ValueError):
@@ -116,16 +118,18 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(directory, name: str | None = None) -> list[Path]:
     """Delete the temporaries of :func:`atomic_write` in ``directory`` (only those of target ``name`` when
-    given) whose writing process is no longer alive; return what was removed."""
+    given) whose writing process is no longer alive, and those of earlier versions (no pid in the name);
+    return what was removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
     for p in directory.iterdir():
         m = _TMP.search(p.name)
-        if not m or (name is not None and not p.name.startswith(name + ".")):
+        legacy = m is None and _LEGACY_TMP.search(p.name) is not None
+        if not (m or legacy) or (name is not None and not p.name.startswith(name + ".")) or not p.is_file():
             continue
-        if not _pid_alive(int(m.group(1))):
+        if legacy or not _pid_alive(int(m.group(1))):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed.append(p)

@@ -12,6 +12,12 @@ Half-precision inputs are computed in float32 and the result is cast back; float
 float64 call *is* a float64 transcription of the formulas. No epsilon enters any normalisation (see the
 "Decisions" page of the book): every division is by a quantity that is provably positive, or guarded by an
 exact case split.
+
+NaN and Inf (the "Decisions" page, "NaN and Inf"): an output is NaN exactly when it depends on a non-finite
+input element, and so is a gradient; every other output and gradient is what it would be if the non-finite
+elements were any finite numbers. :func:`attention` and :func:`attention_weights` compute on the finite part of
+the inputs and mark the dependent outputs afterwards (:class:`_NanPolicy`), because the matrix products of the
+plain formulas would also spread a NaN through weights that are exactly zero (0·NaN = NaN).
 """
 
 from __future__ import annotations
@@ -71,15 +77,22 @@ def length_scale(N: torch.Tensor, d: int) -> torch.Tensor:
     return math.log(d) * torch.log(N)
 
 
-def lss_scores(q: torch.Tensor, k: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
-    """LSSA scores s_ij = ln(d)·ln(N_i)·q̂_i·k̂_j with q, k on the unit sphere (no 1/√d).
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x/‖x‖ along the last dimension, for any finite scale of x.
 
-    A zero vector has no direction; ``F.normalize`` maps it to 0 (its 1e-12 clamp changes nothing for any
-    vector of norm above 1e-12).
+    ‖x‖ of a float32 vector overflows once its entries pass about 1e19 and underflows below about 1e-19 (the
+    squares leave the float range), which would turn the direction into 0 and the attention row uniform. So x
+    is first divided by its largest |entry| m (the direction is unchanged, and then 1 ≤ ‖x/m‖ ≤ √d). m is
+    detached: x/‖x‖ does not depend on it, so its gradient contribution is exactly zero. A zero vector has no
+    direction and is mapped to 0.
     """
-    qh = F.normalize(q, dim=-1)
-    kh = F.normalize(k, dim=-1)
-    return length_scale(N, q.shape[-1])[:, None] * (qh @ kh.transpose(-1, -2))
+    m = x.abs().amax(dim=-1, keepdim=True).detach()
+    return F.normalize(x / torch.where(m > 0, m, torch.ones_like(m)), dim=-1)
+
+
+def lss_scores(q: torch.Tensor, k: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """LSSA scores s_ij = ln(d)·ln(N_i)·q̂_i·k̂_j with q, k on the unit sphere (:func:`unit`; no 1/√d)."""
+    return length_scale(N, q.shape[-1])[:, None] * (unit(q) @ unit(k).transpose(-1, -2))
 
 
 def mask_fill(x: torch.Tensor, mask: torch.Tensor | None, value: float) -> torch.Tensor:
@@ -97,11 +110,12 @@ def l1_normalise(f: torch.Tensor) -> torch.Tensor:
 
     A row whose weights are all exactly zero (only possible with φ = relu, or when exp underflows) has no
     distribution to normalise; it is returned as zeros, so its output is 0. No epsilon: the division is
-    guarded by an exact case split (and stays NaN-free in backward).
+    guarded by an exact case split (and stays NaN-free in backward). The split tests ``Z == 0``, not ``Z > 0``:
+    a NaN sum must stay NaN, not become a row of zeros.
     """
     Z = f.sum(dim=-1, keepdim=True)
-    pos = Z > 0
-    return torch.where(pos, f / torch.where(pos, Z, torch.ones_like(Z)), torch.zeros_like(f))
+    zero = Z == 0
+    return torch.where(zero, torch.zeros_like(f), f / torch.where(zero, torch.ones_like(Z), Z))
 
 
 def uniform_threshold(score_bound: torch.Tensor, N: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
@@ -172,14 +186,15 @@ def _lssar(q, k, N, mask, p=15.0, offset_rows=3):
     return reweight(_lssa(q, k, N, mask), N, p, offset_rows, length_scale(N, D)[:, None], D)
 
 
-def _dot_score_bound(q, k):
-    """A bound on |q_i·k_j|/√d per row, ``[B, H, Lq, 1]`` (Cauchy–Schwarz)."""
-    kmax = k.norm(dim=-1).amax(dim=-1, keepdim=True)[..., None]
+def _dot_score_bound(q, k, mask):
+    """A bound on |q_i·k_j|/√d over the keys row i sees, ``[B, H, Lq, 1]`` (Cauchy–Schwarz)."""
+    knorm = k.norm(dim=-1)[..., None, :]  # [B, H, 1, Lk]
+    kmax = mask_fill(knorm.expand(*knorm.shape[:-2], q.shape[-2], k.shape[-2]), mask, 0.0).amax(-1, keepdim=True)
     return (q.norm(dim=-1, keepdim=True) * kmax / math.sqrt(q.shape[-1])).detach()
 
 
 def _softmax_reweight(q, k, N, mask, p=15.0, offset_rows=3):
-    return reweight(_softmax(q, k, N, mask), N, p, offset_rows, _dot_score_bound(q, k), q.shape[-1])
+    return reweight(_softmax(q, k, N, mask), N, p, offset_rows, _dot_score_bound(q, k, mask), q.shape[-1])
 
 
 def _sigmoid_l1_reweight(q, k, N, mask, p=15.0, offset_rows=3):
@@ -255,11 +270,7 @@ WEIGHT_FUNCTIONS = {
 }
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: bool, **options) -> torch.Tensor:
-    """The weight matrix ``[B, H, Lq, Lk]`` of ``method``, computed in ``compute_dtype(q.dtype)``.
-
-    No input checking here: :func:`freeatten_core.attention_weights` validates and then calls this.
-    """
+def _weights(q, k, method, causal, **options):
     ct = compute_dtype(q.dtype)
     q, k = q.to(ct), k.to(ct)
     Lq, Lk = q.shape[-2], k.shape[-2]
@@ -268,7 +279,123 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: boo
     return WEIGHT_FUNCTIONS[method](q, k, N, mask, **options)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: bool, **options) -> torch.Tensor:
+    """The weight matrix ``[B, H, Lq, Lk]`` of ``method``, computed in ``compute_dtype(q.dtype)``.
+
+    No input checking here: :func:`freeatten_core.attention_weights` validates and then calls this.
+    """
+    if _all_finite(q, k):
+        return _weights(q, k, method, causal, **options)
+    w = _weights(_finite(q), _finite(k), method, causal, **options)
+    return _NanPolicy.apply(w, q, k, None, _bad_weights(q, k, method, causal), causal, method)
+
+
 def attention(q, k, v, method: str, causal: bool, **options) -> torch.Tensor:
     """o = W·v with W from :func:`attention_weights`; the result has the dtype of ``q``."""
-    w = attention_weights(q, k, method, causal, **options)
-    return (w @ v.to(w.dtype)).to(q.dtype)
+    if _all_finite(q, k, v):
+        w = _weights(q, k, method, causal, **options)
+        return (w @ v.to(w.dtype)).to(q.dtype)
+    w = _weights(_finite(q), _finite(k), method, causal, **options)
+    o = (w @ _finite(v).to(w.dtype)).to(q.dtype)
+    return _NanPolicy.apply(o, q, k, v, _bad_outputs(q, k, v, causal), causal, method)
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN and Inf: an output (and a gradient) is NaN exactly when it depends on a non-finite input element
+# --------------------------------------------------------------------------------------------------------
+
+
+def _all_finite(*xs) -> bool:
+    return bool(torch.stack([torch.isfinite(x).all() for x in xs]).all())
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its non-finite elements replaced by 0 (their gradient through here is 0)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _reach(rows: torch.Tensor, vis: torch.Tensor | None) -> torch.Tensor:
+    """``any_i vis_ij & rows_i[..., :]`` over the query rows i: ``rows`` ``[B, H, Lq(, D)]`` -> ``[B, H, Lk(, D)]``
+    (non-causal: every key is reached by every row)."""
+    r = rows.to(torch.float32)
+    flat = r.ndim == 3
+    r = r[..., None] if flat else r
+    if vis is None:
+        out = r.amax(dim=-2, keepdim=True)  # [B, H, 1, D]; broadcast over the keys by the caller
+    else:
+        out = vis.to(torch.float32).transpose(-1, -2) @ r  # [B, H, Lk, D]: a count of the rows
+    out = out > 0
+    return out[..., 0] if flat else out
+
+
+def _gather(keys: torch.Tensor, vis: torch.Tensor | None) -> torch.Tensor:
+    """``any_j vis_ij & keys_j`` over the keys j a row sees: ``[B, H, Lk(, D)]`` -> ``[B, H, Lq(, D)]``."""
+    k = keys.to(torch.float32)
+    flat = k.ndim == 3
+    k = k[..., None] if flat else k
+    out = (k.amax(dim=-2, keepdim=True) if vis is None else vis.to(torch.float32) @ k) > 0
+    return out[..., 0] if flat else out
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(x).all(dim=-1)  # [B, H, L]
+
+
+def _bad_outputs(q, k, v, causal) -> torch.Tensor:
+    """``[B, H, Lq, D]``: o_id depends on q_i, on every key k_j row i sees, and on v_jd of those keys."""
+    vis = visible_mask(q.shape[-2], k.shape[-2], causal, device=q.device)
+    rows = _bad_rows(q) | _gather(_bad_rows(k), vis)  # [B, H, Lq]
+    return rows[..., None] | _gather(~torch.isfinite(v), vis)
+
+
+def _bad_weights(q, k, method, causal) -> torch.Tensor:
+    """``[B, H, Lq, Lk]``: a visible weight w_ij depends on q_i and k_j, and through the normalisation of a
+    normalised method on every key of row i. Invisible weights are 0 and depend on nothing."""
+    from .methods import REGISTRY
+
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    vis = visible_mask(Lq, Lk, causal, device=q.device)
+    bq, bk = _bad_rows(q), _bad_rows(k)
+    if REGISTRY[method].normalised:
+        bad = (bq | _gather(bk, vis))[..., None].expand(*bq.shape, Lk)
+    else:
+        bad = bq[..., None] | bk[..., None, :]
+    return bad if vis is None else bad & vis
+
+
+class _NanPolicy(torch.autograd.Function):
+    """Forward: the outputs marked ``bad`` (those that depend on a non-finite input) become NaN.
+
+    Backward: the cotangent of a bad output is not sent into the computation (which ran on the finite part of
+    the inputs); instead every input element that such an output depends on, where the cotangent is non-zero,
+    gets a NaN gradient. The dependency structure is the one of :func:`_bad_outputs` (``v`` given) or
+    :func:`_bad_weights` (``v`` is None).
+    """
+
+    @staticmethod
+    def forward(ctx, out, q, k, v, bad, causal, method):
+        ctx.save_for_backward(bad)
+        ctx.causal, ctx.method, ctx.has_v = causal, method, v is not None
+        ctx.shapes = (q.shape, k.shape, q.dtype, k.dtype, None if v is None else v.dtype)
+        return out.masked_fill(bad, float("nan"))
+
+    @staticmethod
+    def backward(ctx, g):
+        from .methods import REGISTRY
+
+        (bad,) = ctx.saved_tensors
+        qs, ks, qd, kd, vd = ctx.shapes
+        vis = visible_mask(qs[-2], ks[-2], ctx.causal, device=g.device)
+        hit = bad & (g != 0)  # bad outputs the loss uses (a NaN cotangent counts)
+        rows = hit.any(dim=-1)  # [B, H, Lq]: the query rows that reach a used bad output
+        if ctx.has_v or REGISTRY[ctx.method].normalised:
+            keys = _reach(rows, vis).expand(*ks[:-1])  # every key those rows see
+        else:
+            keys = hit.any(dim=-2)  # unnormalised weights: w_ij depends on k_j only
+        nan = float("nan")
+        gq = torch.zeros(qs, dtype=qd, device=g.device).masked_fill(rows[..., None], nan)
+        gk = torch.zeros(ks, dtype=kd, device=g.device).masked_fill(keys[..., None], nan)
+        gv = None
+        if ctx.has_v:
+            gv = torch.zeros(ks, dtype=vd, device=g.device).masked_fill(_reach(hit, vis).expand(*ks), nan)
+        return g.masked_fill(bad, 0), gq, gk, gv, None, None, None
