@@ -23,15 +23,32 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import numbers
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import atomic
 from .provenance import provenance
-from .train import atomic_write_text, autocast_for, load_model, parse_options, resolve_device
+from .train import autocast_for, load_model, parse_options, resolve_device
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_factors(factors) -> tuple:
+    if isinstance(factors, (str, bytes)) or not hasattr(factors, "__iter__"):
+        raise ValueError(f"factors must be a list of integers >= 1, got {factors!r}")
+    factors = tuple(factors)
+    if not factors:
+        raise ValueError("factors must not be empty")
+    return tuple(_check_count("each length factor", k) for k in factors)
 
 
 @torch.no_grad()
@@ -41,6 +58,8 @@ def evaluate_model(model, val_docs, block_size: int, factors=(1, 2, 4, 8, 16), n
     from .data import val_windows
 
     device = next(model.parameters()).device if device is None else torch.device(device)
+    factors = _check_factors(factors)
+    n_windows, batch_size = _check_count("n_windows", n_windows), _check_count("batch_size", batch_size)
     model.eval()
     out = {}
     for k in factors:
@@ -53,6 +72,11 @@ def evaluate_model(model, val_docs, block_size: int, factors=(1, 2, 4, 8, 16), n
                 _, loss = model(w[:, :-1], w[:, 1:], reduction="none")  # [b, length]
             per_pos += loss.double().sum(0).cpu()
         per_pos /= len(windows)
+        bad = (~torch.isfinite(per_pos)).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(f"the loss at {k}x ({length} tokens) is {float(per_pos[bad[0]])} at position "
+                                     f"{int(bad[0])} ({len(bad)} of {length} positions are not finite): the model "
+                                     f"or its attention produces NaN/Inf on these inputs")
         out[str(k)] = {
             "factor": int(k), "length": length, "windows": len(windows),
             "loss_window": float(per_pos.mean()),
@@ -71,6 +95,9 @@ def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | N
     """
     from .data import load_tokens
 
+    factors = None if factors is None else _check_factors(factors)
+    n_windows = None if n_windows is None else _check_count("n_windows", n_windows)
+    batch_size = None if batch_size is None else _check_count("batch_size", batch_size)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     tcfg = ckpt["train_config"]
@@ -81,10 +108,11 @@ def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | N
         model.cfg.backend = backend  # GPTConfig is shared by the layers
     data = data if data is not None else load_tokens(tcfg["corpus"], tcfg["tokenizer"], tcfg.get("data_path"))
     L = ckpt["model_config"]["block_size"]
-    factors = tuple(factors or tcfg["eval_factors"])
+    factors = tuple(factors if factors is not None else tcfg["eval_factors"])
     eval_method, eval_options = model.attention_method
-    losses = evaluate_model(model, data.val, L, factors, n_windows or tcfg["eval_windows"],
-                            batch_size or tcfg["eval_batch_size"], dev, tcfg.get("dtype", "auto"))
+    losses = evaluate_model(model, data.val, L, factors, n_windows if n_windows is not None else tcfg["eval_windows"],
+                            batch_size if batch_size is not None else tcfg["eval_batch_size"], dev,
+                            tcfg.get("dtype", "auto"))
     return {
         "trained": {"method": trained_method, "options": trained_options, "steps": ckpt["step"],
                     "checkpoint": str(checkpoint), "block_size": L, "params": model.num_params(),
@@ -103,8 +131,8 @@ def _tail_mean(history) -> float | None:
 
 
 def write_json(obj, path) -> None:
-    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``)."""
-    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=_json_default) + "\n")
+    """Write ``obj`` as strict JSON (non-finite numbers become null) with the package's atomic writer."""
+    atomic.write_json(Path(path), obj, default=_json_default)
 
 
 def _json_default(o):
@@ -141,20 +169,33 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, choices=["auto", "reference", "triton"])
     ap.add_argument("--out", default=None, help="write the JSON here (atomically); default: print it")
     args = ap.parse_args(argv)
-    try:
+    try:  # every value checked, and the output path, before any work
+        if args.factors is not None:
+            _check_factors(args.factors)
+        for name in ("windows", "batch_size"):
+            if getattr(args, name) is not None:
+                _check_count("--" + name.replace("_", "-"), getattr(args, name))
+        if args.out:
+            atomic.check_output_file(args.out, "--out")
+            atomic.remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)
         options = parse_options(args.option) if args.option else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+
         res = evaluate_checkpoint(args.checkpoint, args.method, options, args.factors, args.windows,
                                   args.batch_size, args.device, args.backend,
                                   command="python -m freeatten_core evaluate " + " ".join(argv or sys.argv[1:]))
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.out:
         write_json(res, args.out)
         brief = {k: (v["loss_window"], v["loss_last"]) for k, v in res["results"].items()}
-        print(json.dumps({"out": args.out, "loss_window_last": brief}))
+        print(atomic.dumps_json({"out": args.out, "loss_window_last": brief}, indent=None))
     else:
-        print(json.dumps(res, indent=1))
+        print(atomic.dumps_json(res, default=_json_default))
     return 0
 
 

@@ -248,6 +248,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 def load_model(path, device="cpu") -> tuple[GPT, dict]:
     """The trained model (eval mode) and its checkpoint dict."""
     ckpt = read_checkpoint(path)
+    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path} holds non-finite (NaN/Inf) weights in {', '.join(bad[:5])}"
+                         f"{' and more' if len(bad) > 5 else ''}: it cannot be evaluated; resume from an earlier "
+                         f"checkpoint or retrain")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -415,11 +420,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
                 torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
             grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
                          if cfg.grad_clip > 0 else torch.zeros(()))
+            loss_val = float(loss_sum)
+            if not (math.isfinite(loss_val) and math.isfinite(float(grad_norm))):  # before the update: no NaN weights
+                raise FloatingPointError(f"{'loss' if not math.isfinite(loss_val) else 'gradient norm'} became "
+                                         f"{loss_val if not math.isfinite(loss_val) else float(grad_norm)} at step "
+                                         f"{step} ({mcfg.attention}); the last checkpoint is intact; lower the lr")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_val = float(loss_sum)
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss became {loss_val} at step {step} ({mcfg.attention}); lower the lr")
             history.append([step, loss_val])
             step += 1
             steps_done += 1

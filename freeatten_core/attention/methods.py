@@ -47,11 +47,22 @@ FUSED_METHODS: tuple[str, ...] = ("lssa", "lssar")
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton")
 
 
+P_MAX = 1000.0
+"""The largest re-weighting power accepted. The float32 gradient of (x/M)^p carries a relative error of about
+p·ε (∂P/∂x = pP/x amplifies the rounding of x): measured against float64 on random causal rows (L = 64…512,
+d = 16…128), the largest gradient error of the reference and of the fused kernels is about 2e-6 at p = 15,
+1e-4 at p = 1e3, 1e-3 at p = 3e3 and 4 (noise) at p = 1e4. Below P_MAX gradients are exact to 2e-4."""
+
+
 def _check_p(p):
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"option p must be a real number >= 1, got {type(p).__name__} {p!r}")
+        raise TypeError(f"option p must be a real number in [1, {P_MAX:g}], got {type(p).__name__} {p!r}")
     if not math.isfinite(p) or p < 1:
         raise ValueError(f"option p must be a finite number >= 1, got {p!r}")
+    if p > P_MAX:
+        raise ValueError(f"option p must be <= P_MAX = {P_MAX:g}, got {p!r}: above it the float32 gradients of "
+                         f"the re-weighting lose all precision (relative error about p x 1.2e-7, amplified by the "
+                         f"row's conditioning)")
     return float(p)
 
 
