@@ -14,10 +14,14 @@ settings.register_profile("dev", print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+TEST_THREADS = int(os.environ.get("FREEATTEN_TEST_THREADS", "1"))
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread per test process: pytest -n 2 on 2 cores, and no spin-waiting under contention."""
+    """One intra-op thread per test process (pytest -n 2 on 2 cores, no spin-waiting under contention), or
+    ``FREEATTEN_TEST_THREADS`` of them (``make test-portability`` runs 1 and 2)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(n)
