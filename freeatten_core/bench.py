@@ -21,7 +21,6 @@ only) in seconds: it checks the plumbing and the JSON/plot, and its timings are 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -40,9 +39,31 @@ IMPLS = ("triton", "sdpa", "flex", "reference")
 
 def _parse_ints(s: str) -> list[int]:
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        out = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
+    return out
+
+
+def _parse_count(minimum: int):
+    def parse(s: str) -> int:
+        try:
+            x = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if x < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {x}")
+        return x
+
+    return parse
+
+
+# the defaults of the GPU benchmark and of --cpu-smoke; a flag given on the command line wins over both
+DEFAULTS = dict(lengths=[1024, 2048, 4096, 8192, 16384], mem_lengths=[32768, 65536], head_dims=[64, 128], batch=4,
+                heads=16, warmup=5, reps=20)
+SMOKE = dict(lengths=[64], mem_lengths=[128], head_dims=[32], batch=1, heads=2, warmup=1, reps=2)
 
 
 def _parse_list(allowed):
@@ -59,21 +80,20 @@ def _parse_list(allowed):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m freeatten_core bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=_parse_ints, default=[1024, 2048, 4096, 8192, 16384],
-                    help="sequence lengths to time (default 1K..16K)")
-    ap.add_argument("--mem-lengths", type=_parse_ints, default=[32768, 65536],
+    ap.add_argument("--lengths", type=_parse_ints, default=None, help="sequence lengths to time (default 1K..16K)")
+    ap.add_argument("--mem-lengths", type=_parse_ints, default=None,
                     help="lengths run once for peak memory only (default 32K, 64K)")
-    ap.add_argument("--head-dims", type=_parse_ints, default=[64, 128])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dims", type=_parse_ints, default=None, help="default 64,128")
+    ap.add_argument("--batch", type=_parse_count(1), default=None, help="default 4")
+    ap.add_argument("--heads", type=_parse_count(1), default=None, help="default 16")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--methods", type=_parse_list(("lssa", "lssar")), default=["lssa", "lssar"])
     ap.add_argument("--impls", type=_parse_list(IMPLS), default=list(IMPLS))
     ap.add_argument("--p", type=float, default=15.0, help="LSSAR power (default 15)")
-    ap.add_argument("--offset-rows", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--offset-rows", type=_parse_count(0), default=3)
+    ap.add_argument("--warmup", type=_parse_count(0), default=None, help="default 5")
+    ap.add_argument("--reps", type=_parse_count(1), default=None, help="default 20")
     ap.add_argument("--out", type=Path, default=Path("results/bench"), help="output folder (default results/bench)")
     ap.add_argument("--tag", default=None, help="file-name tag (default: derived from the device)")
     ap.add_argument("--no-plot", action="store_true")
@@ -322,7 +342,10 @@ def plot(data: dict, path: Path) -> None:
                  f"H={c['heads']}\n{data['kind']} · torch {prov['torch']} · triton {prov['triton']} · "
                  f"{(prov['git_commit'] or '?')[:8]} · {prov['date_utc']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from .atomic import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -331,9 +354,20 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        # tiny shapes; explicit flags still win over these only where given after --cpu-smoke is not needed
-        args.lengths, args.mem_lengths, args.head_dims = [64], [128], [32]
-        args.batch, args.heads, args.warmup, args.reps = 1, 2, 1, 2
+    for name, value in (SMOKE if args.cpu_smoke else DEFAULTS).items():  # tiny shapes for --cpu-smoke
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    from . import atomic
+    from .attention.methods import resolve
+
+    try:  # every value and the output folder checked before any work
+        resolve("lssar", {"p": args.p, "offset_rows": args.offset_rows})
+        atomic.check_output_dir(args.out, "--out")
+        if args.tag is not None and (not args.tag or "/" in args.tag or args.tag in (".", "..")):
+            raise ValueError(f"--tag must be a plain file-name part, got {args.tag!r}")
+    except ValueError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -344,10 +378,6 @@ def main(argv=None) -> int:
         print("bench: no CUDA device; run on a GPU, or use --cpu-smoke for a tiny CPU check of the plumbing",
               file=sys.stderr)
         return 2
-    for name in ("batch", "heads", "reps"):
-        if getattr(args, name) < 1:
-            print(f"bench: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     device = "cuda" if cuda else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}), " \
@@ -424,10 +454,9 @@ def main(argv=None) -> int:
         "results": results,
     }
     data["ratios"] = ratios(results)
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("cpu-smoke" if args.cpu_smoke else _slug(device_name))
     json_path = args.out / f"bench_{tag}.json"
-    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic.write_json(json_path, data)
     print(f"wrote {json_path}")
     if not args.no_plot:
         png = args.out / f"bench_{tag}.png"
