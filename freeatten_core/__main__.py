@@ -1,4 +1,4 @@
-"""Command line: ``python -m freeatten_core {bench,train,evaluate,data,methods} ...``.
+"""Command line: ``python -m freeatten_core {bench,train,evaluate,data,experiments,methods} ...``.
 
 Each subcommand lives in its own module with a ``main(argv)`` function; this file only dispatches.
 """
@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("freeatten_core.train", "train a GPT with a chosen attention method"),
     "evaluate": ("freeatten_core.evaluate", "length-extrapolation evaluation of a checkpoint"),
     "data": ("freeatten_core.data", "fetch and cache the data (shakespeare, gpt2 BPE ranks, fineweb shards)"),
+    "experiments": ("freeatten_core.experiments", "the book's experiments: extrapolation, ablation, throughput"),
     "methods": (None, "list the attention methods"),
 }
 
@@ -20,7 +21,7 @@ COMMANDS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help}" for name, (_, help) in COMMANDS.items()]
+        lines = [f"  {name:<12} {help}" for name, (_, help) in COMMANDS.items()]
         msg = "usage: python -m freeatten_core COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"unknown command {argv[0]!r}\n\n{msg}", file=sys.stderr)

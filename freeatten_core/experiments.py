@@ -4,13 +4,24 @@ decomposition ablation. Notebooks and ``scripts/`` call these; nothing here is n
     from freeatten_core.experiments import run_extrapolation, decomposition_ablation
     results = run_extrapolation("ci", out_dir="runs/extrapolation_ci")     # {variant: evaluation dict}
     rows = decomposition_ablation("ci", steps=60)                             # [{method, phi, l1, ...}]
+
+Command line (``python -m freeatten_core experiments --help``)::
+
+    python -m freeatten_core experiments extrapolation --preset ci --run-dir runs/extrapolation --out results/x
+    python -m freeatten_core experiments ablation --preset ci --steps 120 --out ablation.json
+    python -m freeatten_core experiments throughput --preset gpu --out throughput.json
+    python -m freeatten_core experiments variants
 """
 
 from __future__ import annotations
 
+import argparse
+import numbers
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import atomic
 from .evaluate import evaluate_checkpoint, write_json
 from .train import config_from_preset, train
 
@@ -46,6 +57,11 @@ DEFAULT_VARIANTS = ("softmax", "lssa", "lssar", "lssa+reweight@eval", "ssmax")
 
 
 def get_variants(names) -> list[Variant]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"variants must be a non-empty list of variant names ({', '.join(VARIANTS)}), "
+                         f"got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants must not repeat a name, got {list(names)}")
     bad = [n for n in names if n not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, bad))}; valid variants: {', '.join(VARIANTS)}")
@@ -59,8 +75,14 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
 
     ``results_dir``: also write ``<results_dir>/<variant>.json`` (atomically).
     """
-    vs = get_variants(list(variants))
-    out_dir = Path(out_dir)
+    vs = get_variants(variants)
+    _check_overrides(overrides, ("out_dir", "attention", "attention_options", "progress"))
+    out_dir = atomic.check_output_dir(out_dir, "run directory")
+    if results_dir is not None:
+        atomic.check_output_dir(results_dir, "results directory")
+    for v in vs:  # every config checked before the first run starts
+        config_from_preset(preset, **{**(overrides or {}), "out_dir": str(out_dir / v.run_name),
+                                      "attention": v.method, "attention_options": dict(v.options)})
     trained = {}
     for v in vs:
         if v.run_name in trained:
@@ -79,7 +101,7 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
         res["variant"], res["preset"], res["training"] = v.name, preset, summary
         results[v.name] = res
         if results_dir is not None:
-            write_json(res, Path(results_dir) / f"{v.name.replace('@', '_at_').replace('+', '_')}.json")
+            write_json(res, Path(results_dir) / _variant_file(v.name))
     return results
 
 
@@ -95,9 +117,16 @@ def decomposition_ablation(preset: str = "ci", steps: int = 120, maps=POSITIVITY
     """Train φ ∈ ``maps`` × {with ℓ1, without ℓ1} (methods ``exp_l1``, ``exp_nol1``, …) for ``steps`` steps at
     ``preset`` size; return one row per method with the final training loss (mean of the last 10% of steps)
     and the validation loss at the training length."""
+    if isinstance(maps, (str, bytes)) or not isinstance(maps, (list, tuple)) or not maps:
+        raise ValueError(f"maps must be a non-empty list of {', '.join(POSITIVITY_MAPS)}, got {maps!r}")
     bad = [m for m in maps if m not in POSITIVITY_MAPS]
     if bad:
         raise ValueError(f"unknown positivity map(s) {bad}; valid: {', '.join(POSITIVITY_MAPS)}")
+    for name, value in (("steps", steps), ("eval_windows", eval_windows)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    _check_overrides(overrides, ("out_dir", "attention", "progress", "eval_windows"))
+    atomic.check_output_dir(out_dir, "run directory")
     rows = []
     for phi in maps:
         for l1 in (True, False):
@@ -205,6 +234,10 @@ def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10
     from .provenance import provenance
     from .train import measure_throughput, resolve_device
 
+    for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    _check_overrides(overrides, ("attention", "attention_options", "backend"))
     cfg = config_from_preset(preset, **(overrides or {}))
     vocab = 50257 if cfg.tokenizer == "gpt2" else 256
     runs = {}
@@ -218,3 +251,132 @@ def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10
     return {"preset": preset, "runs": runs,
             "ratio_lssar_over_softmax": runs["lssar_triton"]["tokens_per_s"] / runs["softmax_sdpa"]["tokens_per_s"],
             "provenance": provenance(command, resolve_device(cfg.device))}
+
+
+def _check_overrides(overrides, owned) -> None:
+    """``overrides`` must be a dict that does not set a field the experiment itself sets (it would be ignored)."""
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict of TrainConfig fields, got {overrides!r}")
+    clash = sorted(set(overrides) & set(owned))
+    if clash:
+        raise ValueError(f"overrides cannot set {', '.join(clash)}: this experiment sets "
+                         f"{'it' if len(clash) == 1 else 'them'} itself")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line: python -m freeatten_core experiments {extrapolation,ablation,throughput,variants}
+# ------------------------------------------------------------------------------------------------------------
+
+def _variant_file(name: str) -> str:
+    return f"{name.replace('@', '_at_').replace('+', '_')}.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+    from .train import parse_options
+
+    ap = argparse.ArgumentParser(prog="python -m freeatten_core experiments",
+                                 description="the book's experiments: train, evaluate, compare with the paper")
+    sub = ap.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+
+    def common(p, preset):
+        p.add_argument("--preset", default=preset, choices=list(PRESETS), help=f"run size (default {preset})")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="TrainConfig override, e.g. --set max_steps=600 (repeatable)")
+
+    x = sub.add_parser("extrapolation", help="train each variant, evaluate at 1x..16x, test the paper's claims")
+    common(x, "ci")
+    x.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
+    x.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/extrapolation_<preset>)")
+    x.add_argument("--out", required=True, help="results folder: one JSON per variant and claims.json")
+    x.add_argument("--progress", action="store_true")
+
+    a = sub.add_parser("ablation", help="the softmax decomposition ablation: phi x {with, without l1}")
+    common(a, "ci")
+    a.add_argument("--steps", type=int, default=120)
+    a.add_argument("--maps", default=",".join(POSITIVITY_MAPS), help="comma-separated positivity maps")
+    a.add_argument("--eval-windows", type=int, default=16)
+    a.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/ablation_<preset>)")
+    a.add_argument("--out", required=True, help="JSON file for the table")
+
+    t = sub.add_parser("throughput", help="training tokens/s: fused LSSAR vs SDPA softmax (GPU)")
+    common(t, "gpu")
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--warmup", type=int, default=10)
+    t.add_argument("--out", required=True, help="JSON file")
+
+    sub.add_parser("variants", help="list the variants of the extrapolation experiment")
+    ap.set_defaults(parse_options=parse_options)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.experiment == "variants":
+        for v in VARIANTS.values():
+            print(f"{v.name:<20} trained as {v.method} {v.options or ''}"
+                  + (f", evaluated as {v.eval_method} {v.eval_options}" if v.eval_method else ""))
+        return 0
+    command = "python -m freeatten_core experiments " + " ".join(argv)
+    try:  # everything checked, the output paths included, before the first run starts
+        overrides = args.parse_options(args.set)
+        if args.experiment == "extrapolation":
+            variants = [v for v in args.variants.split(",") if v]
+            get_variants(variants)
+            out = atomic.check_output_dir(args.out, "--out")
+            run_dir = args.run_dir or f"runs/extrapolation_{args.preset}"
+        elif args.experiment == "ablation":
+            maps = [m for m in args.maps.split(",") if m]
+            for name, value in (("--steps", args.steps), ("--eval-windows", args.eval_windows)):
+                if value < 1:
+                    raise ValueError(f"{name} must be >= 1, got {value}")
+            out = atomic.check_output_file(args.out, "--out")
+            run_dir = args.run_dir or f"runs/ablation_{args.preset}"
+        else:
+            out = atomic.check_output_file(args.out, "--out")
+            for name, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+                if value < low:
+                    raise ValueError(f"{name} must be >= {low}, got {value}")
+        config_from_preset(args.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .data import DataError
+
+    try:
+        if args.experiment == "extrapolation":
+            results = run_extrapolation(args.preset, variants, out_dir=run_dir, results_dir=out,
+                                        overrides=overrides, progress=args.progress, command=command)
+            claims = extrapolation_claims(results)
+            atomic.write_json(out / "claims.json", {"preset": args.preset, "claims": claims})
+            from .evaluate import summary_table
+
+            print(summary_table(results))
+            for c in claims:
+                print(f"{'reproduced' if c['reproduced'] else 'NOT reproduced'}: {c['claim']} ({c['measured']})")
+            print(f"wrote {len(results)} results and claims.json to {out}")
+        elif args.experiment == "ablation":
+            rows = decomposition_ablation(args.preset, args.steps, maps, out_dir=run_dir, overrides=overrides,
+                                          eval_windows=args.eval_windows)
+            from .provenance import provenance
+
+            atomic.write_json(out, {"preset": args.preset, "rows": rows, "provenance": provenance(command)})
+            for r in rows:
+                print(atomic.dumps_json(r, indent=None))
+            print(f"wrote {out}")
+        else:
+            res = throughput_comparison(args.preset, args.steps, args.warmup, overrides, command)
+            atomic.write_json(out, res)
+            print(atomic.dumps_json(res, indent=None))
+    except (DataError, FileNotFoundError, ValueError, TypeError, FloatingPointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
