@@ -6,6 +6,7 @@ All weights come from :func:`freeatten_core.attention_weights`; nothing here re-
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,27 @@ def needle_inputs(n_keys: int, d: int, n_queries: int, cos: float | None, seed: 
     return q, k
 
 
+def _check_measurement(methods, lengths, d, n_queries, cos, away, trials) -> None:
+    """The arguments of :func:`entropy_vs_length` (the notebook parameters reach it), with clear errors."""
+    def count(name, v, low):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(f"methods must be a non-empty dict {{label: (method, options)}}, got {methods!r}")
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, list) or not lengths:
+        raise ValueError(f"lengths must be a non-empty list of integers >= 2, got {lengths!r}")
+    for n in lengths:
+        count("every length", n, 2)
+    count("d", d, 1)
+    count("n_queries", n_queries, 1)
+    count("trials", trials, 1)
+    if cos is not None and not (isinstance(cos, numbers.Real) and -1 < cos < 1):
+        raise ValueError(f"cos must be None or a number in (-1, 1), got {cos!r}")
+    if not (isinstance(away, numbers.Real) and math.isfinite(away) and away >= 0):
+        raise ValueError(f"away must be a finite number >= 0, got {away!r}")
+
+
 def entropy_vs_length(methods: dict, lengths, d: int = 64, n_queries: int = 32, cos: float | None = None,
                       away: float = 0.0, trials: int = 1, seed: int = 0, progress: bool = False) -> list[dict]:
     """Measure row statistics of each method as the number of keys N grows.
@@ -63,6 +85,9 @@ def entropy_vs_length(methods: dict, lengths, d: int = 64, n_queries: int = 32, 
     """
     from tqdm import tqdm
 
+    if not isinstance(lengths, (str, bytes)) and hasattr(lengths, "__iter__"):
+        lengths = list(lengths)
+    _check_measurement(methods, lengths, d, n_queries, cos, away, trials)
     records = []
     nq = 1 if cos is not None else n_queries
     for n in tqdm(list(lengths), desc="lengths", disable=not progress):
