@@ -49,11 +49,17 @@ import triton.language as tl
 
 from . import reference
 
+try:
+    from .methods import P_MAX  # the largest re-weighting power the package accepts (one definition for all)
+except ImportError:  # an older methods.py without it
+    P_MAX = 1000.0
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Whether triton runs kernels in its interpreter (read once, at import, as triton itself does)."""
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
 MAX_INT_P = 64  # integer p up to this is formed by repeated multiplication; larger or fractional p by exp2/log2
 
 # dot-operand codes (constexpr): 0 exact float32, 1 float16, 2 bfloat16, 3 bfloat16 rounding emulated in
@@ -120,36 +126,102 @@ def _dot(a, b, DT: tl.constexpr):
     elif DT == 2:
         r = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif DT == 3:
-        r = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+        r = tl.dot(_round_bf16(a.to(tl.float32)), _round_bf16(b.to(tl.float32)), input_precision="ieee")
     else:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return r
+
+
+# log2(1 + y) = y·q(y) for y ∈ (0, 1]: q fitted for least maximum *relative* error (Lawson's iteration on 6000
+# Chebyshev nodes). Measured in float32 Horner against float64 over every float32 score (tests/test_kernels.py):
+# degree 8 (float32 inputs) 3.5e-7, degree 5 (half-precision inputs) 5.7e-5, which is far below the rounding of
+# the half-precision matmul operands (a score error of c·2^-11 ≈ 1e-2 at c = 30).
+SOFTPLUS_POLY = {
+    8: (1.4426947832107544, -0.7213100790977478, 0.48006370663642883, -0.35339483618736267, 0.25600969791412354,
+        -0.15535186231136322, 0.06360787898302078, -0.012319470755755901),
+    5: (1.4426132440567017, -0.7169874310493469, 0.44189882278442383, -0.22711941599845886, 0.05965153127908707),
+}
+
+
+@triton.jit
+def _ld(ptr, mask, DT: tl.constexpr):
+    # a tile in the dot's operand type: half-precision operands stay as stored (the host stores them in the dot
+    # type), float32 (and the interpreter's bfloat16 emulation) load as float32
+    if mask is None:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    if DT == 0 or DT == 3:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _softplus2(t, DEG: tl.constexpr):
+    # f = log2(1 + 2^t) = max(t, 0) + log2(1 + y), y = 2^-|t| ∈ (0, 1]: one exp2 and a Horner polynomial on the
+    # FMA units (no log, no series switch, no select). Returns (f, y); y also gives σ (see _sigmoid2).
+    y = tl.math.exp2(-tl.abs(t))
+    if DEG == 8:
+        h = y * -0.012319470755755901 + 0.06360787898302078
+        h = h * y - 0.15535186231136322
+        h = h * y + 0.25600969791412354
+        h = h * y - 0.35339483618736267
+        h = h * y + 0.48006370663642883
+        h = h * y - 0.7213100790977478
+        h = h * y + 1.4426947832107544
+    else:
+        h = y * 0.05965153127908707 - 0.22711941599845886
+        h = h * y + 0.44189882278442383
+        h = h * y - 0.7169874310493469
+        h = h * y + 1.4426132440567017
+    return tl.maximum(t, 0.0) + y * h, y
+
+
+@triton.jit
+def _sigmoid2(t, y):
+    # σ(s) for the log2-domain score t = s·log2(e), from y = 2^-|t|: 1/(1 + y) for t >= 0, y/(1 + y) below; one
+    # approximate reciprocal (MUFU.RCP), no IEEE division
+    return tl.fdiv(tl.where(t >= 0, 1.0, y), 1.0 + y, ieee_rounding=False)
+
+
+@triton.jit
+def _pow(y, P, P_INT: tl.constexpr):
+    # y**P for y >= 0. P_INT >= 0: integer exponent on the FMA units: the shortest addition chain for 14 and 15
+    # (p = 15 is the default: y², y³, y⁶, y¹², y¹⁵, five products), square-and-multiply otherwise;
+    # P_INT < 0: the general power exp2(P·log2 y), 0 where y = 0.
+    if P_INT == 15:
+        y2 = y * y
+        y3 = y2 * y
+        y6 = y3 * y3
+        r = (y6 * y6) * y3
+    elif P_INT == 14:
+        y2 = y * y
+        y3 = y2 * y
+        y6 = y3 * y3
+        r = (y6 * y6) * y2
+    elif P_INT == 0:  # the derivative's y^(p−1) for p = 1: the step of ReLU, 0 where y = 0
+        r = tl.where(y > 0, 1.0, 0.0)
+    elif P_INT >= 0:
+        r = tl.zeros_like(y) + 1.0
+        b = y
+        for bit in tl.static_range(7):
+            if (P_INT >> bit) & 1:
+                r = r * b
+            if (P_INT >> (bit + 1)) > 0:
+                b = b * b
+    else:
+        r = tl.where(y > 0, tl.math.exp2(P * tl.math.log2(tl.maximum(y, 1e-30))), 0.0)
     return r
 
 
 @triton.jit
-def _softplus_sigmoid(s):
-    # softplus(s) = max(s, 0) + log1p(e), e = exp(-|s|) ∈ (0, 1], and σ(s) from the same e.
-    # log1p without a division (the special-function units are the scarce resource: softplus already costs
-    # one exp and one log per element): six terms of its series where e < 1/8, where 1 + e has lost e's low
-    # bits, log(1 + e) elsewhere; max relative error of f 6.3e-7 over all s. A plain log(1 + e) would give
-    # f = 0 for s < -17, hence Z = 0 for a row whose keys all point away from the query.
-    e = tl.exp(-tl.abs(s))
-    u = 1.0 + e
-    ser = e * (1.0 + e * (-0.5 + e * (0.33333334 + e * (-0.25 + e * (0.2 + e * -0.16666667)))))
-    f = tl.maximum(s, 0.0) + tl.where(e < 0.125, ser, tl.log(u))
-    sig = tl.where(s >= 0, 1.0, e) / u
-    return f, sig
-
-
-@triton.jit
-def _tile_is_partial(j0, BN: tl.constexpr, Lk, off, m0, CAUSAL: tl.constexpr):
-    # whether keys [j0, j0 + BN) need a mask for the query rows from m0 on: the tile runs past Lk, or (causal)
-    # past the diagonal of row m0 (query i sees keys j <= off + i). Most tiles are full and skip the masking.
+def _full_tiles(m0, Lk, off, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    # keys [0, returned) form whole BN-tiles that every query row from m0 on sees entirely: no mask there
     if CAUSAL:
-        r = (j0 + BN > Lk) | (j0 + BN - 1 > off + m0)
+        n = tl.minimum(off + m0 + 1, Lk)
     else:
-        r = j0 + BN > Lk
-    return r
+        n = Lk
+    return (n // BN) * BN
 
 
 @triton.jit
@@ -162,46 +234,42 @@ def _visible(o_i, o_j, Lk, off, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _pow(y, P, P_INT: tl.constexpr):
-    # y**P for y >= 0. P_INT >= 0: the integer exponent by square-and-multiply (p = 15: y², y⁴, y⁸ and three
-    # products, all on the FMA units); P_INT < 0: the general power exp2(P·log2 y), 0 where y = 0.
-    if P_INT >= 0:
-        r = tl.zeros_like(y) + 1.0
-        b = y
-        for bit in tl.static_range(7):
-            if (P_INT >> bit) & 1:
-                r = r * b
-            if (P_INT >> (bit + 1)) > 0:
-                b = b * b
-    else:
-        r = tl.where(y > 0, tl.exp2(P * tl.log2(tl.maximum(y, 1e-30))), 0.0)
-    return r
+def _finite(x):
+    # x with NaN/±Inf replaced by 0, and the 0/1 indicator of those elements. Used on edge tiles only: a matmul
+    # spreads a NaN through a weight that is exactly 0 (0·NaN = NaN), so a non-finite key/value that a row does
+    # not see would poison the row; the indicator lets the rows that do see it be marked NaN.
+    ok = tl.abs(x) < float("inf")
+    return tl.where(ok, x, 0.0), tl.where(ok, 0.0, 1.0).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Forward
+# Forward. Scores in the log2 domain: the host folds c_i·log2(e) into q̂_i once per row, so t_ij = q̃_i·k̂_j =
+# s_ij·log2(e) comes out of the tensor cores ready, and f_ij = softplus(s_ij)/ln 2 = log2(1 + 2^t). The ℓ1
+# normalisation is blind to the factor 1/ln 2, and so is the re-weighting (x = N·f/Z − O).
 # --------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def lssa_fwd_kernel(
-    q, k, v, c, o, stats,
+    q, k, v, o, stats, tau,
     Lq, Lk, off, offset_rows, P, n_rows,
-    s_qbh, s_ql, s_kbh, s_kl,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr,
 ):
-    # one program: BM query rows of one (batch, head); q/o [BH, Lq, D], k/v [BH, Lk, D], c [Lq],
-    # stats [4, BH, Lq] = (Z, a, b, U) per row for the backward pass (n_rows = BH·Lq).
-    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
-    o_i = i_m * BM + tl.arange(0, BM)  # [BM] query rows
-    o_d = tl.arange(0, D)  # [D]
+    # one program: BM query rows of one (batch, head). q [BH, Lq, D] (= c·log2(e)·q̂), k [BH, Lk, D] (= k̂),
+    # v [BH, Lk, D], o [BH, Lq, D] float32, tau [Lq] (LSSAR's uniform-row threshold τ_i),
+    # stats [3, BH·Lq] = (1/Z, a, b) per row for the backward (n_rows = BH·Lq; a = 0 marks an LSSA row).
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the last row tiles have the most keys, start them first
+    i_bh = tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
+    o_i = i_m * BM + tl.arange(0, BM)  # [BM]
+    o_d = tl.arange(0, D)
     m_i = o_i < Lq
-
-    b_q = tl.load(q + i_bh * s_qbh + o_i[:, None] * s_ql + o_d[None, :], mask=m_i[:, None], other=0.0)
-    b_q = b_q.to(tl.float32)  # [BM, D]
-    b_c = tl.load(c + o_i, mask=m_i, other=0.0)  # [BM]
+    p_q = i_bh * Lq * D + o_i[:, None] * D + o_d[None, :]
+    b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
+    k += i_bh * Lk * D
+    v += i_bh * Lk * D
+    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)  # bottom-right alignment: row i sees keys j <= off + i
         hi = tl.minimum(Lk, off + (i_m + 1) * BM)
@@ -211,213 +279,285 @@ def lssa_fwd_kernel(
     b_O = tl.where(b_N > offset_rows, 1.0, 0.0)  # [BM]
 
     b_Z = tl.zeros([BM], dtype=tl.float32)
-    b_F = tl.zeros([BM], dtype=tl.float32)
+    b_T = tl.full([BM], float("-inf"), tl.float32)  # LSSAR: max_j t_ij (softplus is monotone: F = f(max t))
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    # pass 1 (LSSA: the only pass): Z = Σ f (and F = max f for LSSAR, or acc = Σ f·v for LSSA)
-    for j0 in range(0, hi, BN):
-        o_j = j0 + tl.arange(0, BN)  # [BN]
-        m_j = o_j < Lk
-        b_kt = tl.load(k + i_bh * s_kbh + o_j[None, :] * s_kl + o_d[:, None], mask=m_j[None, :], other=0.0)
-        b_s = _dot(b_q, b_kt.to(tl.float32), QK_DT) * b_c[:, None]  # [BM, BN]
-        b_f, _ = _softplus_sigmoid(b_s)
-        if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):  # only tiles on the diagonal / at the end
-            b_f = tl.where(_visible(o_i, o_j, Lk, off, CAUSAL), b_f, 0.0)
+    b_bad = tl.zeros([BM, D], dtype=tl.float32)  # count of non-finite v_jd the row sees (edge tiles)
+    # pass 1 (LSSA: the only pass). Full tiles: no mask.
+    for j0 in range(0, n_full, BN):
+        o_j = j0 + tl.arange(0, BN)
+        b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)  # [BM, BN]
+        b_f, _ = _softplus2(b_t, DEG)
         b_Z += tl.sum(b_f, 1)
         if REWEIGHT:
-            b_F = tl.maximum(b_F, tl.max(b_f, 1))
+            b_T = tl.maximum(b_T, tl.max(b_t, 1))
         else:
-            b_v = tl.load(v + i_bh * s_kbh + o_j[:, None] * s_kl + o_d[None, :], mask=m_j[:, None], other=0.0)
-            b_acc += _dot(b_f, b_v.to(tl.float32), PV_DT)  # [BM, D]
-
+            b_acc += _dot(b_f, _ld(v + o_j[:, None] * D + o_d[None, :], None, PV_DT), PV_DT)
+    # edge tiles: the causal diagonal and the end of the keys
+    for j0 in range(n_full, hi, BN):
+        o_j = j0 + tl.arange(0, BN)
+        m_j = o_j < Lk
+        vis = _visible(o_i, o_j, Lk, off, CAUSAL)
+        # a non-finite k_j gives NaN scores; where the row does not see it, the mask drops them
+        b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
+        b_f, _ = _softplus2(b_t, DEG)
+        b_f = tl.where(vis, b_f, 0.0)
+        b_Z += tl.sum(b_f, 1)
+        if REWEIGHT:
+            b_T = tl.maximum(b_T, tl.max(tl.where(vis, b_t, float("-inf")), 1))
+        else:
+            b_v, b_vbad = _finite(_ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT))
+            b_acc += _dot(b_f, b_v, PV_DT)
+            b_bad += _dot(tl.where(vis, 1.0, 0.0), b_vbad, PV_DT)
+    # (a non-finite k_j the row sees makes its f NaN through t, so Z_i is NaN and the whole row with it)
     if REWEIGHT:
-        # M = N·F/Z − O; y = x/M = a·f − b. Rows with M <= 0 (exactly uniform) keep the LSSA weights.
+        # M = N·F/Z − O = den/Z; y = x/M = a·f − b. Rows with M <= τ (uniform up to rounding) keep LSSA weights:
+        # a = 0, b = −1 gives y = 1 there, and the uniform row's weights come from 1/Z instead.
+        b_F, b_yT = _softplus2(b_T, DEG)
         b_den = b_N * b_F - b_O * b_Z
-        ok = b_den > 0
-        b_a = tl.where(ok, b_N / tl.where(ok, b_den, 1.0), 0.0)
-        b_b = tl.where(ok, b_O * b_Z / tl.where(ok, b_den, 1.0), 0.0)
+        b_tau = tl.load(tau + o_i, mask=m_i, other=0.0)
+        ok = b_den > b_tau * b_Z
+        b_rden = 1.0 / tl.where(ok, b_den, 1.0)
+        b_a = tl.where(ok, b_N * b_rden, 0.0)
+        b_b = tl.where(ok, b_O * b_Z * b_rden, -1.0)
         b_U = tl.zeros([BM], dtype=tl.float32)
-        # pass 2: u = ReLU(y)^p ∈ [0, 1], acc = Σ u·v, U = Σ u
-        for j0 in range(0, hi, BN):
+        # pass 2: u = ReLU(y)^p ∈ [0, 1], acc = Σ u·v, U = Σ u   (LSSA rows: u = f)
+        for j0 in range(0, n_full, BN):
+            o_j = j0 + tl.arange(0, BN)
+            b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)
+            b_f, _ = _softplus2(b_t, DEG)
+            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
+            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
+            b_U += tl.sum(b_u, 1)
+            b_acc += _dot(b_u, _ld(v + o_j[:, None] * D + o_d[None, :], None, PV_DT), PV_DT)
+        for j0 in range(n_full, hi, BN):
             o_j = j0 + tl.arange(0, BN)
             m_j = o_j < Lk
-            b_kt = tl.load(k + i_bh * s_kbh + o_j[None, :] * s_kl + o_d[:, None], mask=m_j[None, :], other=0.0)
-            b_v = tl.load(v + i_bh * s_kbh + o_j[:, None] * s_kl + o_d[None, :], mask=m_j[:, None], other=0.0)
-            b_s = _dot(b_q, b_kt.to(tl.float32), QK_DT) * b_c[:, None]  # [BM, BN]
-            b_f, _ = _softplus_sigmoid(b_s)
-            if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):
-                b_f = tl.where(_visible(o_i, o_j, Lk, off, CAUSAL), b_f, 0.0)
-            # f = 0 at invisible keys gives y = 0 there (b >= 0), so u = 0: no further masking needed
+            vis = _visible(o_i, o_j, Lk, off, CAUSAL)
+            b_v, b_vbad = _finite(_ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT))
+            b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
+            b_f, _ = _softplus2(b_t, DEG)
+            b_f = tl.where(vis, b_f, 0.0)
             b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)  # [BM, BN]
+            b_u = tl.where(vis, tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f), 0.0)
             b_U += tl.sum(b_u, 1)
-            b_acc += _dot(b_u, b_v.to(tl.float32), PV_DT)
+            b_acc += _dot(b_u, b_v, PV_DT)
+            b_bad += _dot(tl.where(vis, 1.0, 0.0), b_vbad, PV_DT)
+        b_a = tl.where(ok, b_a * tl.math.exp2(-tl.math.log2(b_U) / P), 0.0)  # a' = a·U^(-1/p): y'^p = P
+        b_b = tl.where(ok, b_b * tl.math.exp2(-tl.math.log2(b_U) / P), -1.0)
     else:
         b_a = tl.zeros([BM], dtype=tl.float32)
-        b_b = tl.zeros([BM], dtype=tl.float32)
+        b_b = tl.zeros([BM], dtype=tl.float32) - 1.0
         b_U = b_Z
 
     b_o = b_acc / tl.where(m_i, b_U, 1.0)[:, None]
-    tl.store(o + i_bh * s_qbh + o_i[:, None] * s_ql + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_i[:, None])
+    b_o = tl.where(b_bad > 0, float("nan"), b_o)
+    tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_i[:, None])
     p_st = stats + i_bh * Lq + o_i
-    tl.store(p_st, b_Z, mask=m_i)
+    tl.store(p_st, 1.0 / b_Z, mask=m_i)
     tl.store(p_st + n_rows, b_a, mask=m_i)
     tl.store(p_st + 2 * n_rows, b_b, mask=m_i)
-    tl.store(p_st + 3 * n_rows, b_U, mask=m_i)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Backward. Per visible (i, j), with y = a_i f − b_i, u = y^p, P = u/U (LSSA and uniform rows: P = f/Z):
+# Backward. Per visible (i, j), with y = a'_i f − b'_i and P = y^p (a' = a·U^(-1/p) stored by the forward, so
+# P needs no division; LSSA and uniform rows: a' = 0, b' = −1, y = 1, and P = f/Z):
 #   dP = dO_i·v_j,  D_i = dO_i·o_i,
-#   t_ij = N_i dx_ij / Z_i = (p·a_i/U_i)·y^(p−1)·(dP − D_i)   (y > 0, else 0; LSSA rows: (dP − D_i)/Z_i),
-#   R_i  = O_i/N_i · Σ_j t_ij   (= O_i G_i / Z_i; 0 for LSSA rows),   dS_ij = (t_ij − R_i)·σ(s_ij),
-#   dq̂_i = c_i Σ_j dS_ij k̂_j,  dk̂_j = Σ_i c_i dS_ij q̂_i,  dv_j = Σ_i P_ij dO_i.
+#   t_ij = N_i dx_ij / Z_i = p·a'_i·y^(p−1)·(dP − D_i)   (LSSA rows: (dP − D_i)/Z_i),
+#   R_i  = O_i/N_i · Σ_j t_ij   (= O_i G_i / Z_i; 0 for LSSA rows),   dt_ij = (t_ij − R_i)·σ(s_ij),
+#   dq̃-direction: dq̂_i = c_i log2(e) Σ_j dt_ij k̂_j,  dk̂_j = Σ_i dt_ij q̃_i,  dv_j = Σ_i P_ij dO_i.
+# (the derivative of f = log2(1 + 2^t) by t is σ(s), so the log2 domain changes nothing else.)
 # R_i needs the whole row first, so the dQ kernel accumulates Σ t σ k̂, Σ σ k̂ and Σ t side by side and combines
-# them at the end: dq̂_i = c_i (Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j). It writes D_i and R_i for the dK/dV kernel.
+# them at the end: dq̂_i ∝ Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j. It writes D_i and R_i for the dK/dV kernel.
+# Per row the kernels use w_i = p·a'_i (LSSAR rows) or 1/Z_i (LSSA rows): t = g·w·(dP − D), g = y^(p−1) (= 1 on
+# LSSA rows).
 # --------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def lssa_bwd_dq_kernel(
-    q, k, v, c, o, do, stats, dq, delta, rterm,
+    q, k, v, o, do, stats, dq, delta, rterm,
     Lq, Lk, off, offset_rows, P, n_rows,
-    s_qbh, s_ql, s_kbh, s_kl,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
 ):
-    # q/o/do/dq [BH, Lq, D], k/v [BH, Lk, D]; delta, rterm [BH, Lq]
-    i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
+    # q/o/do/dq [BH, Lq, D] (dq: Σ_j dt_ij k̂_j, scaled on the host), k/v [BH, Lk, D]; delta, rterm [BH·Lq]
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
     o_i = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_i = o_i < Lq
-    p_rows = i_bh * s_qbh + o_i[:, None] * s_ql + o_d[None, :]
-
-    b_q = tl.load(q + p_rows, mask=m_i[:, None], other=0.0).to(tl.float32)  # [BM, D]
-    b_do = tl.load(do + p_rows, mask=m_i[:, None], other=0.0).to(tl.float32)  # [BM, D]
-    b_o = tl.load(o + p_rows, mask=m_i[:, None], other=0.0).to(tl.float32)  # [BM, D]
-    b_delta = tl.sum(b_do * b_o, 1)  # [BM] the preprocess term D_i = dO_i·o_i
-    b_c = tl.load(c + o_i, mask=m_i, other=0.0)
+    p_q = i_bh * Lq * D + o_i[:, None] * D + o_d[None, :]
+    b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
+    b_do = _ld(do + p_q, m_i[:, None], PV_DT)  # [BM, D]
+    b_delta = tl.sum(b_do.to(tl.float32) * tl.load(o + p_q, mask=m_i[:, None], other=0.0), 1)  # D_i = dO_i·o_i
     p_st = stats + i_bh * Lq + o_i
-    b_Z = tl.load(p_st, mask=m_i, other=1.0)
-    b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
-    b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=0.0)
-    b_U = tl.load(p_st + 3 * n_rows, mask=m_i, other=1.0)
-    ok = b_a > 0  # LSSAR row (else LSSA weights)
-    b_pa = P * b_a / b_U
-    b_iz = 1.0 / b_Z
+    b_iz = tl.load(p_st, mask=m_i, other=1.0)
+    k += i_bh * Lk * D
+    v += i_bh * Lk * D
+    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)
         hi = tl.minimum(Lk, off + (i_m + 1) * BM)
     else:
         b_N = tl.zeros([BM], dtype=tl.float32) + Lk
         hi = Lk
+    if REWEIGHT:
+        b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
+        b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=-1.0)
+        b_w = tl.where(b_a > 0, P * b_a, b_iz)
+    else:
+        b_w = b_iz
+    b_wd = b_w * b_delta
 
     b_acc1 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j t σ k̂
     b_acc2 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j σ k̂   (LSSAR only)
     b_H = tl.zeros([BM], dtype=tl.float32)  # Σ_j t
-    for j0 in range(0, hi, BN):
+    for j0 in range(0, n_full, BN):
         o_j = j0 + tl.arange(0, BN)
-        m_j = o_j < Lk
-        p_t = i_bh * s_kbh + o_j[None, :] * s_kl + o_d[:, None]
-        b_kt = tl.load(k + p_t, mask=m_j[None, :], other=0.0).to(tl.float32)  # [D, BN]
-        b_vt = tl.load(v + p_t, mask=m_j[None, :], other=0.0).to(tl.float32)  # [D, BN]
-        b_s = _dot(b_q, b_kt, QK_DT) * b_c[:, None]  # [BM, BN]
-        b_f, b_sig = _softplus_sigmoid(b_s)
-        b_dp = _dot(b_do, b_vt, PV_DT) - b_delta[:, None]  # [BM, BN] dP − D
-        if _tile_is_partial(j0, BN, Lk, off, i_m * BM, CAUSAL):
-            # zero f, σ and dP − D at invisible keys; then y = 0 and t = 0 there too
-            vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-            b_f = tl.where(vis, b_f, 0.0)
-            b_sig = tl.where(vis, b_sig, 0.0)
-            b_dp = tl.where(vis, b_dp, 0.0)
+        b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT)  # [D, BN]
+        b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], None, PV_DT)  # [D, BN]
+        b_t = _dot(b_q, b_kt, QK_DT)  # [BM, BN]
+        b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]  # w·(dP − D)
         if REWEIGHT:
-            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)
-            b_t = tl.where(ok[:, None], tl.where(b_y > 0, b_pa[:, None] * b_g * b_dp, 0.0), b_dp * b_iz[:, None])
+            b_f, b_y = _softplus2(b_t, DEG)
+            b_sig = _sigmoid2(b_t, b_y)
+            b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
+            b_H += tl.sum(b_g, 1)
             b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
         else:
-            b_t = b_dp * b_iz[:, None]
-        b_H += tl.sum(b_t, 1)
-        b_acc1 += _dot(b_t * b_sig, tl.trans(b_kt), DS_DT)
+            b_sig = _sigmoid2(b_t, tl.math.exp2(-tl.abs(b_t)))
+        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
+    for j0 in range(n_full, hi, BN):
+        o_j = j0 + tl.arange(0, BN)
+        m_j = o_j < Lk
+        vis = _visible(o_i, o_j, Lk, off, CAUSAL)
+        b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT)
+        b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], m_j[None, :], PV_DT)
+        b_t = _dot(b_q, b_kt, QK_DT)
+        b_kt, _ = _finite(b_kt)  # for the dS products: a key the row does not see must not spread its NaN
+        b_g = tl.where(vis, _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None], 0.0)
+        if REWEIGHT:
+            b_f, b_y = _softplus2(b_t, DEG)
+            b_f = tl.where(vis, b_f, 0.0)  # an unseen key may have f > F, and y^(p−1) overflow: y = −b <= 0 here
+            b_sig = tl.where(vis, _sigmoid2(b_t, b_y), 0.0)
+            b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
+            b_H += tl.sum(b_g, 1)
+            b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
+        else:
+            b_sig = tl.where(vis, _sigmoid2(b_t, tl.math.exp2(-tl.abs(b_t))), 0.0)
+        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
 
     if REWEIGHT:
-        b_R = tl.where(ok, b_H * tl.where(b_N > offset_rows, 1.0, 0.0) / b_N, 0.0)  # [BM]
-        b_dq = b_c[:, None] * (b_acc1 - b_R[:, None] * b_acc2)
+        b_R = tl.where(b_a > 0, b_H * tl.where(b_N > offset_rows, 1.0, 0.0) / b_N, 0.0)  # [BM]
+        b_dq = b_acc1 - b_R[:, None] * b_acc2
     else:
         b_R = tl.zeros([BM], dtype=tl.float32)
-        b_dq = b_c[:, None] * b_acc1
-    tl.store(dq + p_rows, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
+        b_dq = b_acc1
+    tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
     tl.store(delta + i_bh * Lq + o_i, b_delta, mask=m_i)
     tl.store(rterm + i_bh * Lq + o_i, b_R, mask=m_i)
 
 
 @triton.jit
 def lssa_bwd_dkdv_kernel(
-    q, k, v, c, do, stats, delta, rterm, dk, dv,
+    q, k, v, do, stats, delta, rterm, dk, dv,
     Lq, Lk, off, P, n_rows,
-    s_qbh, s_ql, s_kbh, s_kl,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
 ):
-    # one program: BN keys of one (batch, head), looping over the query tiles that see them.
-    # Works in the transposed orientation [BN, BM] so that both accumulations are plain row-major dots.
+    # one program: BN keys of one (batch, head), looping over the query tiles that see them (causal: the first
+    # key tiles have the most, and start first). Transposed orientation [BN, BM]: both products are row-major.
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
     m_j = o_j < Lk
-    p_cols = i_bh * s_kbh + o_j[:, None] * s_kl + o_d[None, :]
-    b_k = tl.load(k + p_cols, mask=m_j[:, None], other=0.0).to(tl.float32)  # [BN, D]
-    b_v = tl.load(v + p_cols, mask=m_j[:, None], other=0.0).to(tl.float32)  # [BN, D]
+    p_k = i_bh * Lk * D + o_j[:, None] * D + o_d[None, :]
+    b_k = _ld(k + p_k, m_j[:, None], QK_DT)  # [BN, D]
+    b_v = _ld(v + p_k, m_j[:, None], PV_DT)  # [BN, D]
+    q += i_bh * Lq * D
+    do += i_bh * Lq * D
+    p_st = stats + i_bh * Lq
+    delta += i_bh * Lq
+    rterm += i_bh * Lq
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    b_bad = tl.zeros([BN, D], dtype=tl.float32)  # count of non-finite dO_id reaching dv_jd (edge tiles)
+    # query tiles [lo, mid) hold rows that see only part of these keys (masked); [mid, Lq) see them all
     if CAUSAL:
-        lo = (tl.maximum(i_n * BN - off, 0) // BM) * BM  # first query tile that sees key i_n·BN
+        lo = (tl.maximum(i_n * BN - off, 0) // BM) * BM
+        mid = tl.minimum(tl.cdiv(tl.maximum((i_n + 1) * BN - 1 - off, 0), BM) * BM, Lq)
     else:
         lo = 0
-    for i0 in range(lo, Lq, BM):
-        o_i = i0 + tl.arange(0, BM)  # [BM]
+        mid = 0
+    if (i_n + 1) * BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
+        mid = Lq
+    for i0 in range(lo, mid, BM):
+        o_i = i0 + tl.arange(0, BM)
         m_i = o_i < Lq
-        p_t = i_bh * s_qbh + o_i[None, :] * s_ql + o_d[:, None]
-        b_qt = tl.load(q + p_t, mask=m_i[None, :], other=0.0).to(tl.float32)  # [D, BM]
-        b_dot = tl.load(do + p_t, mask=m_i[None, :], other=0.0).to(tl.float32)  # [D, BM]
-        b_c = tl.load(c + o_i, mask=m_i, other=0.0)  # [BM]
-        p_st = stats + i_bh * Lq + o_i
-        b_Z = tl.load(p_st, mask=m_i, other=1.0)
-        b_U = tl.load(p_st + 3 * n_rows, mask=m_i, other=1.0)
-        b_delta = tl.load(delta + i_bh * Lq + o_i, mask=m_i, other=0.0)
-        b_R = tl.load(rterm + i_bh * Lq + o_i, mask=m_i, other=0.0)
-
-        b_st = _dot(b_k, b_qt, QK_DT) * b_c[None, :]  # [BN, BM]
-        b_f, b_sig = _softplus_sigmoid(b_st)
-        b_dp = _dot(b_v, b_dot, PV_DT) - b_delta[None, :]  # [BN, BM] dP − D
-        if (i0 + BM > Lq) | _tile_is_partial(i_n * BN, BN, Lk, off, i0, CAUSAL):
-            # zero f, σ and dP − D where query i does not see key j (or either is out of range): then P, t
-            # and dS are 0 there
-            vis = tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)) & m_i[None, :]
-            b_f = tl.where(vis, b_f, 0.0)
-            b_sig = tl.where(vis, b_sig, 0.0)
-            b_dp = tl.where(vis, b_dp, 0.0)
-        b_iz = 1.0 / b_Z
+        p_t = o_i[None, :] * D + o_d[:, None]
+        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
+        vis = tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)) & m_i[None, :]  # [BN, BM]
+        b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
+        b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
+        b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+        b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
+        b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
+        b_qt, _ = _finite(b_qt)  # for the products over query rows: a row that does not see key j must not
+        b_dot, b_dobad = _finite(b_dot)  # spread its NaN into dk_j, dv_j (0·NaN); rows that see it are counted
+        b_f, b_y = _softplus2(b_t, DEG)
+        b_sig = _sigmoid2(b_t, b_y)
+        b_f = tl.where(vis, b_f, 0.0)  # an unseen key may have f > F, and y^(p−1) overflow: y = −b <= 0 there
         if REWEIGHT:
-            b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
-            b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=0.0)
-            ok = b_a > 0
+            b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
+            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
+            b_w = tl.where(b_a > 0, P * b_a, b_iz)
             b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); y^p = y^(p−1)·y
-            b_p = tl.where(ok[None, :], b_g * b_y * (1.0 / b_U)[None, :], b_f * b_iz[None, :])
-            b_t = tl.where(ok[None, :], tl.where(b_y > 0, (P * b_a / b_U)[None, :] * b_g * b_dp, 0.0),
-                           b_dp * b_iz[None, :])
+            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y (LSSA rows: y = 1, P = f/Z below)
+            b_p = tl.where(vis, b_g * b_y * tl.where(b_a > 0, 1.0, b_iz * b_f), 0.0)
         else:
-            b_p = b_f * b_iz[None, :]
-            b_t = b_dp * b_iz[None, :]
-        b_ds = (b_t - b_R[None, :]) * b_sig * b_c[None, :]  # [BN, BM] c_i·dS_ij
+            b_w = b_iz
+            b_g = 1.0
+            b_p = tl.where(vis, b_f * b_iz[None, :], 0.0)
+        b_dp = b_dp * b_w[None, :] - (b_w * b_delta)[None, :]  # w·(dP − D)
+        b_ds = tl.where(vis, (b_g * b_dp - b_R[None, :]) * b_sig, 0.0)  # [BN, BM] dt_ij
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
         b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
+        b_bad += _dot(tl.where(vis, 1.0, 0.0), tl.trans(b_dobad), PV_DT)
+    for i0 in range(mid, Lq, BM):
+        o_i = i0 + tl.arange(0, BM)
+        m_i = o_i < Lq  # only the last query tile runs past Lq: its rows load q = dO = 0, hence dt = P·dO = 0
+        p_t = o_i[None, :] * D + o_d[:, None]
+        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)
+        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)
+        b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
+        b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
+        b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+        b_t = _dot(b_k, b_qt, QK_DT)
+        b_f, b_y = _softplus2(b_t, DEG)
+        b_sig = _sigmoid2(b_t, b_y)
+        if REWEIGHT:
+            b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
+            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
+            b_w = tl.where(b_a > 0, P * b_a, b_iz)
+            b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
+            b_g = _pow(b_y, P - 1.0, PM1_INT)
+            b_p = b_g * b_y * tl.where(b_a > 0, 1.0, b_iz * b_f)
+        else:
+            b_w = b_iz
+            b_g = 1.0
+            b_p = b_f * b_iz[None, :]
+        b_dp = _dot(b_v, b_dot, PV_DT) * b_w[None, :] - (b_w * b_delta)[None, :]
+        b_ds = (b_g * b_dp - b_R[None, :]) * b_sig
+        b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)
+        b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)
 
-    tl.store(dk + p_cols, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
-    tl.store(dv + p_cols, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
+    b_dv = tl.where(b_bad > 0, float("nan"), b_dv)
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
+    tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -428,21 +568,26 @@ def lssa_bwd_dkdv_kernel(
 INTERPRETER_TILES = dict(BM=64, BN=64)
 """Tiles in the interpreter, whose cost grows with the number of tile iterations, not with their size."""
 
-GPU_CANDIDATES = {  # (BM, BN, num_warps, num_stages); BM = query rows, BN = keys of one tile
-    "fwd": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-    "dq": [(64, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (32, 32, 4, 3)],
-    "dkdv": [(64, 32, 8, 3), (32, 64, 8, 3), (128, 32, 8, 3), (32, 32, 4, 3)],
-}
-"""Tile candidates for the GPU autotuner. With bf16 inputs they compile for sm_90 without register spills at
-head dim 64 and with at most ~300 spilled bytes at 128 (checked offline with ``ptxas -v``; not yet timed on a
-GPU). ``FREEATTEN_TILES=BM,BN,warps,stages`` replaces autotuning by one fixed configuration."""
+TILES = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3)}
+"""The main GPU configuration per kernel (BM query rows, BN keys, num_warps, num_stages): the one the kernel
+report compiles and budgets (``python -m freeatten_core kernel-report``), with the softmax yardsticks in the
+same tiles. The dK/dV kernel works on [BN, BM] = [128, 64] tiles so that its matmuls have 128 rows: warpgroup MMA
+(HGMMA) on Hopper, where a 64×32 tile fell back to mma.sync."""
+
+GPU_CANDIDATES = {kind: [TILES[kind], *more] for kind, more in {
+    "fwd": [(128, 128, 8, 3), (64, 64, 4, 3)],
+    "dq": [(64, 64, 4, 3), (128, 128, 8, 2)],
+    "dkdv": [(64, 64, 4, 3), (128, 128, 8, 2)],
+}.items()}
+"""Tile candidates for the GPU autotuner (the first is :data:`TILES`). ``FREEATTEN_TILES=BM,BN,warps,stages``
+replaces autotuning by one fixed configuration."""
 
 _TUNED: dict = {}
 
 
 def _launch(kernel, kind: str, n: int, BH: int, args: tuple, meta: dict) -> None:
     """Launch ``kernel`` on a grid of cdiv(n, tile) × B·H programs (tile: BM for the row kernels "fwd"/"dq",
-    BN for "dkdv"): fixed tiles in the interpreter or from FREEATTEN_TILES, else autotuned per shape."""
+    BN for "dkdv"): fixed tiles in the interpreter or from FREEATTEN_TILES, else autotuned per shape and dtype."""
     tile = "BN" if kind == "dkdv" else "BM"
     env = os.environ.get("FREEATTEN_TILES")
     if INTERPRET or env:
@@ -459,12 +604,12 @@ def _launch(kernel, kind: str, n: int, BH: int, args: tuple, meta: dict) -> None
     if kind not in _TUNED:  # every output is overwritten (no accumulation), so re-running configs is safe
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
                    for bm, bn, w, st in GPU_CANDIDATES[kind]]
-        _TUNED[kind] = triton.autotune(configs, key=["Lq", "Lk", "D", "CAUSAL", "REWEIGHT", "QK_DT"])(kernel)
+        _TUNED[kind] = triton.autotune(configs, key=["Lq", "Lk", "D", "CAUSAL", "REWEIGHT", "QK_DT", "PV_DT"])(kernel)
     _TUNED[kind][lambda m: (triton.cdiv(n, m[tile]), BH)](*args, **meta)
 
 
 def _int_p(p: float) -> int:
-    """p as an integer constexpr for square-and-multiply, or -1 for the general exp2/log2 power."""
+    """p as an integer constexpr for repeated multiplication, or -1 for the general exp2/log2 power."""
     return int(p) if float(p).is_integer() and 0 <= p <= MAX_INT_P else -1
 
 
@@ -477,37 +622,43 @@ def _dot_types(dtype: torch.dtype) -> tuple[int, int, int]:
     return _DT_F16, (bf16 if dtype == torch.bfloat16 else _DT_F16), bf16
 
 
-def _scale(Lq: int, Lk: int, D: int, causal: bool, device) -> torch.Tensor:
-    """c_i = ln(d)·ln(N_i) for every query row, [Lq] float32 (computed in float64, as the reference defines it)."""
+def _degree(dtype: torch.dtype) -> int:
+    """Degree of the softplus polynomial: 8 for float32 inputs, 5 for half precision (see SOFTPLUS_POLY)."""
+    return 8 if dtype == torch.float32 else 5
+
+
+def _row_constants(Lq: int, Lk: int, D: int, causal: bool, device):
+    """Per query row, float32 [Lq]: c_i·log2(e) (folded into q̂) and LSSAR's uniform-row threshold τ_i, from the
+    reference's own definitions (computed in float64)."""
     N = reference.row_counts(Lq, Lk, causal, dtype=torch.float64)
-    return reference.length_scale(N, D).to(device=device, dtype=torch.float32)
+    c = reference.length_scale(N, D)
+    tau = reference.uniform_threshold(c, N, D, torch.float32)
+    return ((c * LOG2E).to(device=device, dtype=torch.float32), tau.to(device=device, dtype=torch.float32))
 
 
-def lssa_fwd(qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
-    """Forward launch. qh, kh: unit vectors [B, H, Lq|Lk, D] (float32 or float16), v [B, H, Lk, D].
-    Returns o [B, H, Lq, D] in float32 (the backward's D_i = dO_i·o_i needs it unrounded: with p = 15 an error
-    in D_i is amplified p-fold, and a bfloat16 o costs 2e-2 in the gradients), stats [4, B·H, Lq] float32, c."""
-    B, H, Lq, D = qh.shape
-    Lk = kh.shape[2]
-    assert qh.is_contiguous() and kh.is_contiguous() and v.is_contiguous(), "lssa_fwd needs contiguous inputs"
-    c = _scale(Lq, Lk, D, causal, qh.device)
-    o = _new((B, H, Lq, D), torch.float32, qh.device)
-    stats = _new((4, B * H, Lq), torch.float32, qh.device)
+def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int):
+    """Forward launch. qs = c·log2(e)·q̂ and ks = k̂ [B, H, Lq|Lk, D] (float32, or float16 for half inputs), v
+    [B, H, Lk, D]. Returns o [B, H, Lq, D] in float32 (the backward's D_i = dO_i·o_i needs it unrounded: with
+    p = 15 an error in D_i is amplified p-fold) and stats [3, B·H, Lq] float32."""
+    B, H, Lq, D = qs.shape
+    Lk = ks.shape[2]
+    o = _new((B, H, Lq, D), torch.float32, qs.device)
+    stats = _new((3, B * H, Lq), torch.float32, qs.device)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
     _launch(lssa_fwd_kernel, "fwd", Lq, B * H,
-            (qh, kh, v, c, o, stats, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq, Lq * D, D, Lk * D, D),
-            dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), QK_DT=qk_dt, PV_DT=pv_dt))
-    return o, stats, c
+            (qs, ks, v, o, stats, tau, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
+            dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), DEG=_degree(v.dtype), QK_DT=qk_dt,
+                 PV_DT=pv_dt))
+    return o, stats
 
 
-def lssa_bwd(qh, kh, v, o, do, stats, c, reweight: bool, causal: bool, p: float, offset_rows: int):
+def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int):
     """Backward launches: the dQ kernel (also writes D_i and R_i), then the dK/dV kernel.
-    Returns dq̂, dk̂ (float32) and dv (v's dtype)."""
-    B, H, Lq, D = qh.shape
-    Lk = kh.shape[2]
-    assert qh.is_contiguous() and kh.is_contiguous() and v.is_contiguous(), "lssa_bwd needs contiguous inputs"
+    Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype)."""
+    B, H, Lq, D = qs.shape
+    Lk = ks.shape[2]
     do = do.contiguous()
-    dev = qh.device
+    dev = qs.device
     dq = _new((B, H, Lq, D), torch.float32, dev)
     dk = _new((B, H, Lk, D), torch.float32, dev)
     dv = _new((B, H, Lk, D), v.dtype, dev)
@@ -515,13 +666,12 @@ def lssa_bwd(qh, kh, v, o, do, stats, c, reweight: bool, causal: bool, p: float,
     rterm = _new((B * H, Lq), torch.float32, dev)
     qk_dt, pv_dt, ds_dt = _dot_types(v.dtype)
     pm1 = _int_p(p) - 1 if _int_p(p) >= 1 else -1
-    common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=pm1, QK_DT=qk_dt, PV_DT=pv_dt, DS_DT=ds_dt)
+    common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=pm1, DEG=_degree(v.dtype), QK_DT=qk_dt,
+                  PV_DT=pv_dt, DS_DT=ds_dt)
     _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
-            (qh, kh, v, c, o, do, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq,
-             Lq * D, D, Lk * D, D), common)
+            (qs, ks, v, o, do, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq), common)
     _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
-            (qh, kh, v, c, do, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq,
-             Lq * D, D, Lk * D, D), common)
+            (qs, ks, v, do, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
     return dq, dk, dv
 
 
@@ -530,34 +680,43 @@ class LSSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
+        B, H, Lq, D = qh.shape
+        c2, tau = _row_constants(Lq, kh.shape[2], D, causal, qh.device)
         kdt = torch.float32 if v.dtype == torch.float32 else torch.float16  # see the module docstring
-        qs, ks, v = qh.to(kdt).contiguous(), kh.to(kdt).contiguous(), v.contiguous()
-        o, stats, c = lssa_fwd(qs, ks, v, reweight, causal, p, offset_rows)
-        ctx.save_for_backward(qs, ks, v, o, stats, c)
+        qs = (qh * c2[:, None]).to(kdt).contiguous()  # the scale folded into q̂ once per row
+        ks, v = kh.to(kdt).contiguous(), v.contiguous()
+        o, stats = lssa_fwd(qs, ks, v, tau, reweight, causal, p, offset_rows)
+        ctx.save_for_backward(qs, ks, v, o, stats, c2)
         ctx.args = (reweight, causal, p, offset_rows)
         return o.to(v.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        qs, ks, v, o, stats, c = ctx.saved_tensors
-        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, c, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        qs, ks, v, o, stats, c2 = ctx.saved_tensors
+        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args)
+        return dq * c2[:, None], dk, dv, None, None, None, None
 
 
 def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: int = 3) -> torch.Tensor:
     """LSSA (``method="lssa"``) or LSSAR (``"lssar"``) through the fused kernels; the result has q's dtype.
 
     q [B, H, Lq, D], k/v [B, H, Lk, D]; causal uses bottom-right alignment (``Lq <= Lk``). The unit-sphere
-    normalisation runs in PyTorch (float32) so autograd carries the gradient of q̂, k̂ back to q, k.
+    normalisation (:func:`.reference.unit`: scaled by the row's largest entry first, so it neither overflows nor
+    underflows; a zero vector maps to 0) runs in PyTorch (float32) so autograd carries the gradient of q̂, k̂
+    back to q, k. ``p`` must not exceed :data:`P_MAX` (the gradients lose their precision above it).
     """
     if method not in ("lssa", "lssar"):
         raise ValueError(f"the fused kernels implement 'lssa' and 'lssar', not {method!r}")
+    if method == "lssar" and not (1.0 <= float(p) <= P_MAX):
+        raise ValueError(f"p must lie in [1, P_MAX = {P_MAX:g}] for the fused kernels, got {p!r}: above P_MAX the "
+                         f"float32 gradients of the re-weighting carry a relative error of about p·1.2e-7 times "
+                         f"the row's conditioning and become noise")
     why = unsupported_reason(q, k, v, explicit=True)
     if why is not None:
         raise ValueError(f"the fused kernels cannot run this call: {why}")
-    qh = F.normalize(q.float(), dim=-1)
-    kh = F.normalize(k.float(), dim=-1)
+    qh = reference.unit(q.float())
+    kh = reference.unit(k.float())
     return LSSAFunction.apply(qh, kh, v, method == "lssar", bool(causal), float(p), int(offset_rows))
 
 
@@ -595,40 +754,38 @@ __all__ = ["attention", "unsupported_reason", "LSSAFunction", "lssa_fwd", "lssa_
 
 
 def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
-    """The kernel report's configurations (see :mod:`freeatten_core.kernel_report`): today's kernels with their
-    first GPU tile candidate, and the softmax yardsticks in the same tiles."""
-    dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
-    qk = "fp32" if dt == "fp32" else "fp16"
-    codes = dict(QK_DT=_DT_F32, PV_DT=_DT_F32, DS_DT=_DT_F32) if dt == "fp32" else \
-        dict(QK_DT=_DT_F16, PV_DT=_DT_BF16 if dt == "bf16" else _DT_F16, DS_DT=_DT_BF16)
-    i32, f32 = "i32", "fp32"
-    common = dict(Lq=i32, Lk=i32, off=i32)
-    strides = dict(s_qbh=i32, s_ql=i32, s_kbh=i32, s_kl=i32)
-    out = []
-
-    def case(name, kernel, module, sig, const, kind, loops, budget_of=None):
-        bm, bn, w, st = GPU_CANDIDATES[kind][0]
-        out.append(dict(name=name, module=module, kernel=kernel, signature=sig, BM=bm, BN=bn, num_warps=w,
-                        num_stages=st, constexprs=dict(const, BM=bm, BN=bn), loops=loops, D=D, dtype=dtype,
-                        causal=causal, budget_of=budget_of or name))
-
-    me = __name__
-    for rw in (False, True):
-        m = "lssar" if rw else "lssa"
-        base = dict(D=D, CAUSAL=causal, REWEIGHT=rw)
-        case(f"{m}_fwd", "lssa_fwd_kernel", me,
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", o="*fp32", stats="*fp32", **common,
-                  offset_rows=i32, P=f32, n_rows=i32, **strides),
-             dict(base, P_INT=15, QK_DT=codes["QK_DT"], PV_DT=codes["PV_DT"]), "fwd",
-             ["pass1", "pass2"] if rw else ["loop"])
-        case(f"{m}_dq", "lssa_bwd_dq_kernel", me,
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", o="*fp32", do="*" + dt, stats="*fp32",
-                  dq="*fp32", delta="*fp32", rterm="*fp32", **common, offset_rows=i32, P=f32, n_rows=i32, **strides),
-             dict(base, PM1_INT=14, **codes), "dq", ["loop"])
-        case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", me,
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, c="*fp32", do="*" + dt, stats="*fp32", delta="*fp32",
-                  rterm="*fp32", dk="*fp32", dv="*" + dt, **common, P=f32, n_rows=i32, **strides),
-             dict(base, PM1_INT=14, **codes), "dkdv", ["loop"])
+    """The kernel report's configurations (see :mod:`freeatten_core.kernel_report`): the kernels as a GPU launch
+    with ``dtype`` inputs compiles them (p = 15) in :data:`TILES`, and the softmax yardsticks in the same tiles."""
     from . import yardstick_kernels
 
-    return out + yardstick_kernels.report_cases(D, dtype, causal, {k: v[0] for k, v in GPU_CANDIDATES.items()})
+    dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+    tdt = getattr(torch, dtype)
+    qk = "fp32" if dt == "fp32" else "fp16"
+    qk_dt, pv_dt, ds_dt = (_DT_F32,) * 3 if dt == "fp32" else (_DT_F16, _DT_BF16 if dt == "bf16" else _DT_F16,
+                                                               _DT_BF16)
+    i32, f32 = "i32", "fp32"
+    dims = dict(Lq=i32, Lk=i32, off=i32)
+    out = []
+
+    def case(name, kernel, kind, sig, const, loops):
+        bm, bn, w, st = TILES[kind]
+        out.append(dict(name=name, module=__name__, kernel=kernel, signature=sig, BM=bm, BN=bn, num_warps=w,
+                        num_stages=st, constexprs=dict(const, BM=bm, BN=bn), loops=loops, D=D, dtype=dtype,
+                        causal=causal, budget_of=name))
+
+    for rw in (False, True):
+        m = "lssar" if rw else "lssa"
+        base = dict(D=D, CAUSAL=causal, REWEIGHT=rw, DEG=_degree(tdt), QK_DT=qk_dt, PV_DT=pv_dt)
+        case(f"{m}_fwd", "lssa_fwd_kernel", "fwd",
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", stats="*fp32", tau="*fp32", **dims,
+                  offset_rows=i32, P=f32, n_rows=i32),
+             dict(base, P_INT=15), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
+        case(f"{m}_dq", "lssa_bwd_dq_kernel", "dq",
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", do="*" + dt, stats="*fp32", dq="*fp32",
+                  delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32, n_rows=i32),
+             dict(base, PM1_INT=14, DS_DT=ds_dt), ["full", "edge"])
+        case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", "dkdv",
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, do="*" + dt, stats="*fp32", delta="*fp32", rterm="*fp32",
+                  dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
+             dict(base, PM1_INT=14, DS_DT=ds_dt), ["edge", "full"])
+    return out + yardstick_kernels.report_cases(D, dtype, causal, TILES)
