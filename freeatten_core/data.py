@@ -551,13 +551,13 @@ def load_bin_shards(path, tokenizer: str = "gpt2") -> TokenData:
                         f"freeatten_core data fineweb --out {path}") from e
     if meta.get("tokenizer", tokenizer) != tokenizer:
         raise DataError(f"{path} was tokenised with {meta['tokenizer']!r}, not {tokenizer!r}")
+    train = [read_shard(f) for f in train_files]  # header and size checked here
+    val = [np.asarray(read_shard(f)) for f in val_files]
     for f in train_files + val_files:  # shards of earlier versions have no recorded digest: size check only
         if f.name in meta.get("sha256", {}) and sha256(f) != meta["sha256"][f.name]:
             raise DataError(f"token shard {f} is corrupt (sha256 differs from {path / 'meta.json'}). Prepare the "
                             f"shards again:\n    python -m freeatten_core data fineweb --out {path}")
-    train = [read_shard(f) for f in train_files]
     train = train[0] if len(train) == 1 else np.concatenate(train)
-    val = [np.asarray(read_shard(f)) for f in val_files]
     vocab = get_tokenizer(tokenizer).vocab_size if tokenizer != "gpt2" else GPT2Tokenizer.vocab_size
     return TokenData(train=train, val=val, vocab_size=vocab, tokenizer=tokenizer, corpus="fineweb",
                      val_names=[f.name for f in val_files], licence="FineWeb-Edu (ODC-By 1.0), HuggingFaceFW")

@@ -331,6 +331,10 @@ def main(argv=None) -> int:
             run_dir = args.run_dir or f"runs/extrapolation_{args.preset}"
         elif args.experiment == "ablation":
             maps = [m for m in args.maps.split(",") if m]
+            bad = [m for m in maps if m not in POSITIVITY_MAPS]
+            if bad or not maps:
+                raise ValueError(f"--maps must be a comma-separated subset of {', '.join(POSITIVITY_MAPS)}, "
+                                 f"got {args.maps!r}")
             for name, value in (("--steps", args.steps), ("--eval-windows", args.eval_windows)):
                 if value < 1:
                     raise ValueError(f"{name} must be >= 1, got {value}")
@@ -341,6 +345,9 @@ def main(argv=None) -> int:
             for name, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
                 if value < low:
                     raise ValueError(f"{name} must be >= {low}, got {value}")
+        _check_overrides(overrides, {"extrapolation": ("out_dir", "attention", "attention_options", "progress"),
+                                     "ablation": ("out_dir", "attention", "progress", "eval_windows"),
+                                     "throughput": ("attention", "attention_options", "backend")}[args.experiment])
         config_from_preset(args.preset, **overrides)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
