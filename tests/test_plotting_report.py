@@ -1,0 +1,92 @@
+"""The book's colour palette (freeatten_core.plotting) and its result tables (freeatten_core.report)."""
+
+import json
+
+import pytest
+
+from freeatten_core import plotting, report
+from freeatten_core.experiments import PAPER_TABLE, VARIANTS
+
+
+def test_every_method_the_book_plots_has_one_colour():
+    names = [*VARIANTS, *PAPER_TABLE, "LSSAR p=15", "LSSAR p=3", "LSSAR p=1", "LSSA", "SSMax (s=1)",
+             "softplus-ℓ1 (no scale)", "softmax", "exp", "softplus", "relu", "sigmoid"]
+    for name in names:
+        assert plotting.method_color(name).startswith("#")
+    # the same method under its different names gets the same colour
+    assert plotting.method_color("lssar") == plotting.method_color("LSSAR p=15") == plotting.method_color(
+        "LSSAR (p = 15)")
+    assert plotting.method_color("ssmax") == plotting.method_color("SSMax (s=1)")
+    assert plotting.method_color("exp") == plotting.method_color("softmax")
+
+
+def test_distinct_methods_have_distinct_colours():
+    colours = list(plotting.METHOD_COLORS.values())
+    assert len(colours) == len(set(c.lower() for c in colours))
+    assert plotting.method_color("lssar p=3") != plotting.method_color("lssar")
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(ValueError, match="known: softmax"):
+        plotting.method_color("nonsense")
+
+
+def test_style_dashes_the_inference_only_variant():
+    assert plotting.style("lssa+reweight@eval")["linestyle"] == "--"
+    assert "linestyle" not in plotting.style("lssar")
+
+
+def _write_record(tmp_path, values):
+    path = tmp_path / report.CI_RECORD
+    path.parent.mkdir(parents=True)
+    prov = {"device": "cpu: x86_64", "torch": "2.13.0+cpu", "git_commit": "0123456789abcdef+dirty",
+            "date_utc": "2026-01-01T00:00:00Z"}
+    path.write_text(json.dumps({"params": {"preset": "ci"}, "provenance": prov,
+                                "values": {k: {"value": v} for k, v in values.items()}}))
+
+
+def test_extrapolation_table_reads_the_record_and_compares_shapes(tmp_path):
+    _write_record(tmp_path, {"softmax loss_last 1x": 2.0, "softmax loss_last 8x": 3.0,
+                             "softmax loss_last 16x": 3.5, "lssar loss_last 1x": 2.0,
+                             "lssar loss_last 8x": 2.05, "lssar loss_last 16x": 2.1,
+                             "softmax final train loss": 1.9})
+    rec = report.load_ci_record(tmp_path)
+    assert rec["losses"]["softmax"]["loss_last"] == {1: 2.0, 8: 3.0, 16: 3.5}
+    line = report.provenance_line(rec)
+    assert "`ci` preset on cpu: x86_64" in line and "0123456789 (uncommitted changes)" in line
+    table = report.extrapolation_table(rec)
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines()[2:]}
+    assert rows["Softmax"][:4] == ["3.19", "6.28", "+3.09", "degrades"]
+    assert rows["Softmax"][4:] == ["2.00", "3.00", "3.50", "+1.00", "degrades", "yes"]
+    assert rows["LSSAR (p = 15)"][-2:] == ["flat", "yes"]
+    assert rows["LSSA"][-2:] == ["not run", "–"]
+    assert "SSMax" not in rows  # not run and not in the paper's table
+
+
+def test_missing_results_are_none(tmp_path):
+    assert report.load_ci_record(tmp_path) is None
+    assert report.load_gpu_runs(tmp_path) is None
+    assert report.kernel_reports(tmp_path) == []
+
+
+def test_gpu_runs_need_a_cuda_provenance(tmp_path):
+    folder = tmp_path / report.GPU_DIR
+    folder.mkdir(parents=True)
+    run = {"results": {"1": {"loss_window": 3.0, "loss_last": 3.0}}, "provenance": {"device": "cpu: x86_64"}}
+    (folder / "lssar.json").write_text(json.dumps(run))
+    assert report.load_gpu_runs(tmp_path) is None
+    run["provenance"]["device"] = "cuda: NVIDIA H100"
+    (folder / "lssar.json").write_text(json.dumps(run))
+    assert report.load_gpu_runs(tmp_path)["losses"]["lssar"]["loss_last"] == {1: 3.0}
+
+
+def test_kernel_table_lists_each_loop(tmp_path):
+    folder = tmp_path / report.KERNEL_DIR
+    folder.mkdir(parents=True)
+    row = {"kernel": "lssa_fwd", "arch": "sm_90a", "head_dim": 64, "dtype": "bfloat16", "BM": 128, "BN": 64,
+           "spills": False, "loops": {"full": {"per_element": 11.5, "mufu_total_per_element": 1.0}}}
+    (folder / "k.json").write_text(json.dumps({"rows": [row, {**row, "arch": "sm_80"}]}))
+    [(path, rep)] = report.kernel_reports(tmp_path)
+    assert path == "results/kernels/k.json"
+    lines = report.kernel_table(rep).splitlines()
+    assert len(lines) == 3 and "| lssa_fwd | 64 | bfloat16 | 128×64 | no | full | 11.50 | 1.00 |" == lines[2]
