@@ -14,6 +14,8 @@ COMMANDS = {
     "evaluate": ("freeatten_core.evaluate", "length-extrapolation evaluation of a checkpoint"),
     "data": ("freeatten_core.data", "fetch and cache the data (shakespeare, gpt2 BPE ranks, fineweb shards)"),
     "experiments": ("freeatten_core.experiments", "the book's experiments: extrapolation, ablation, throughput"),
+    "kernel-report": ("freeatten_core.kernel_report", "compile the fused kernels for sm_90a/sm_80 (no GPU) and "
+                                                      "count their inner loops against softmax yardsticks"),
     "methods": (None, "list the attention methods"),
 }
 

@@ -12,6 +12,7 @@ computed in float64 on the very same (possibly half-rounded) inputs.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -309,3 +310,132 @@ if ON_GPU:
     def test_gpu_auto_picks_the_kernels():
         q, k, v, _ = make_inputs(1, 2, 64, 64, 64, torch.bfloat16)
         assert tk.unsupported_reason(q, k, v, explicit=False) is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The log2-domain softplus, the policies (NaN, scale, p limit) and the softmax yardsticks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _softplus2_on(t: torch.Tensor, deg: int) -> torch.Tensor:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kern(x, o, n, DEG: tl.constexpr):
+        offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+        f, _ = tk._softplus2(tl.load(x + offs, mask=offs < n, other=0.0), DEG)
+        tl.store(o + offs, f, mask=offs < n)
+
+    out = torch.empty_like(t)
+    kern[(triton.cdiv(t.numel(), 1024),)](t, out, t.numel(), DEG=deg)
+    return out
+
+
+@pytest.mark.parametrize("deg,bound", [(8, 4e-7), (5, 6e-5)])
+def test_softplus_polynomial_accuracy(deg, bound):
+    # log2(1 + 2^t) against float64 over the whole float32 range of scores (log-spaced magnitudes 1e-38..3e38,
+    # both signs, and the range |t| <= 128 the kernels meet densely); relative error pinned (decisions page)
+    mags = torch.logspace(-38, 38.5, 20000, dtype=torch.float64)
+    dense = torch.linspace(-128, 128, 200001, dtype=torch.float64)
+    t = torch.cat([mags, -mags, dense, torch.tensor([0.0, 3.4e38, -3.4e38], dtype=torch.float64)]).float()
+    got = _softplus2_on(t.contiguous(), deg).double()
+    td = t.double()
+    exact = torch.logaddexp(td * math.log(2), torch.zeros_like(td)) / math.log(2)  # log2(1 + 2^t)
+    assert torch.isfinite(got).all()
+    keep = exact > 1e-30  # 2^t underflows float32 (ftz) below t = -126: f is then 0, and so is the weight
+    rel = ((got - exact).abs() / exact)[keep]
+    assert rel.max().item() < bound, rel.max().item()
+    assert (got[~keep] <= 1e-30).all()
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_yardstick_softmax_kernels(causal):
+    from freeatten_core.attention import yardstick_kernels as yk
+
+    for (B, H, Lq, Lk, D) in [(2, 2, 100, 100, 64), (1, 2, 17, 130, 32), (1, 1, 1, 1, 16)]:
+        if not causal and Lq != Lk:
+            Lq = 70
+        q, k, v, do = make_inputs(B, H, Lq, Lk, D, torch.float32, seed=Lq)
+        got = yk.softmax_attention(q, k, v, causal, do, tiles=(64, 64))
+        ref = run_reference(q, k, v, do, "softmax", causal)
+        for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
+            assert_close(name, x, r, 1e-5 if name == "o" else 1e-4)
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("where", ["v", "k"])
+def test_nan_at_a_masked_key_poisons_only_rows_that_see_it(method, where):
+    # causal, L = 70: a NaN / Inf in key 40 (v or k) must poison rows >= 40 only; rows < 40 (which do not see it,
+    # and share the diagonal tile with it) keep their exact values, forward and backward
+    q, k, v, do = make_inputs(1, 2, 70, 70, 32, torch.float32, seed=21)
+    ref = run_kernel(q, k, v, do, method, True)
+    for bad in (float("nan"), float("inf")):
+        kk, vv = k.clone(), v.clone()
+        (vv if where == "v" else kk)[0, 0, 40, 3] = bad
+        o, dq, dk, dv = run_kernel(q, kk, vv, do, method, True)
+        assert torch.equal(o[0, :, :40], ref[0][0, :, :40]) and torch.equal(o[0, 1], ref[0][0, 1])
+        if where == "v":  # exactly the column of the bad element (NaN on edge tiles, ±Inf or NaN on full ones)
+            assert not torch.isfinite(o[0, 0, 40:, 3]).any()
+            assert torch.isfinite(o[0, 0, 40:, :3]).all() and torch.isfinite(o[0, 0, 40:, 4:]).all()
+        else:
+            assert not torch.isfinite(o[0, 0, 40:]).any()
+        for name, g, r in (("dq", dq, ref[1]), ("dk", dk, ref[2]), ("dv", dv, ref[3])):
+            assert torch.equal(g[0, 1], r[0, 1]), name  # the other head: untouched
+        assert torch.equal(dq[0, 0, :40], ref[1][0, 0, :40])  # rows that do not see key 40
+        assert torch.isfinite(dk[0, 0, 41:]).sum() == 0 or where == "v"  # keys seen by poisoned rows
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+def test_nan_in_a_query_row_poisons_only_that_row(method):
+    q, k, v, do = make_inputs(1, 1, 70, 70, 32, torch.float32, seed=22)
+    ref = run_kernel(q, k, v, do, method, True)
+    qq = q.clone()
+    qq[0, 0, 30, 5] = float("nan")
+    o, dq, dk, dv = run_kernel(qq, k, v, do, method, True)
+    rows = torch.arange(70) != 30
+    assert torch.isnan(o[0, 0, 30]).all() and torch.equal(o[0, 0, rows], ref[0][0, 0, rows])
+    assert torch.isnan(dq[0, 0, 30]).all() and torch.equal(dq[0, 0, rows], ref[1][0, 0, rows])
+    assert torch.equal(dk[0, 0, 31:], ref[2][0, 0, 31:])  # keys row 30 does not see
+    assert torch.isnan(dk[0, 0, :31]).all()  # keys it sees depend on q_30
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("scale", [1e-30, 1e30, 3e38])
+def test_scale_invariance(method, scale):
+    # q, k scaled by 1e-30 .. 3e38: same output (the normalisation divides by the row's max |entry| first)
+    q, k, v, do = make_inputs(1, 2, 40, 40, 32, torch.float32, seed=23)
+    q, k = q / q.abs().amax(-1, keepdim=True), k / k.abs().amax(-1, keepdim=True)  # entries in [-1, 1]
+    o1 = run_kernel(q, k, v, do, method, True)[0]
+    o2 = run_kernel(q * scale, k * scale, v, do, method, True)[0]
+    assert_close("o at scale", o2, o1, 1e-6)
+
+
+def test_zero_vectors_map_to_zero():
+    q, k, v, do = make_inputs(1, 1, 20, 20, 32, torch.float32, seed=24)
+    q[0, 0, 5] = 0.0
+    o, dq, dk, dv = run_kernel(q, k, v, do, "lssar", True)
+    assert torch.isfinite(o).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    n = torch.arange(1, 21, dtype=torch.float64)
+    assert_close("o_5 (uniform row)", o[0, 0, 5], (v.double().cumsum(2) / n[:, None])[0, 0, 5], 1e-5)
+
+
+def test_p_above_p_max_is_a_clear_error():
+    q, k, v, _ = make_inputs(1, 1, 8, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match="P_MAX"):
+        tk.attention(q, k, v, "lssar", True, p=tk.P_MAX * 1.5)
+    tk.attention(q, k, v, "lssar", True, p=tk.P_MAX)  # the limit itself is accepted
+
+
+def test_uniform_rows_under_cpu_capabilities_and_threads():
+    # the lead's portability rule: equal keys give the running mean for LSSA and LSSAR under every BLAS path
+    import subprocess
+    import sys
+
+    for cap in ("default", "avx2"):
+        for threads in ("1", "2"):
+            env = dict(os.environ, ATEN_CPU_CAPABILITY=cap, OMP_NUM_THREADS=threads, TRITON_INTERPRET="1")
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:xdist",
+                                __file__, "-k", "test_exactly_uniform_rows"], env=env, capture_output=True, text=True,
+                               timeout=600)
+            assert r.returncode == 0, f"ATEN_CPU_CAPABILITY={cap} threads={threads}:\n{r.stdout[-2000:]}"

@@ -484,7 +484,6 @@ def lssa_bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
-    b_bad = tl.zeros([BN, D], dtype=tl.float32)  # count of non-finite dO_id reaching dv_jd (edge tiles)
     # query tiles [lo, mid) hold rows that see only part of these keys (masked); [mid, Lq) see them all
     if CAUSAL:
         lo = (tl.maximum(i_n * BN - off, 0) // BM) * BM
@@ -506,8 +505,7 @@ def lssa_bwd_dkdv_kernel(
         b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
         b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
         b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
-        b_qt, _ = _finite(b_qt)  # for the products over query rows: a row that does not see key j must not
-        b_dot, b_dobad = _finite(b_dot)  # spread its NaN into dk_j, dv_j (0·NaN); rows that see it are counted
+        b_qt, _ = _finite(b_qt)  # for dk: a query row that does not see key j must not spread its NaN (0·NaN)
         b_f, b_y = _softplus2(b_t, DEG)
         b_sig = _sigmoid2(b_t, b_y)
         b_f = tl.where(vis, b_f, 0.0)  # an unseen key may have f > F, and y^(p−1) overflow: y = −b <= 0 there
@@ -526,7 +524,6 @@ def lssa_bwd_dkdv_kernel(
         b_ds = tl.where(vis, (b_g * b_dp - b_R[None, :]) * b_sig, 0.0)  # [BN, BM] dt_ij
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
         b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
-        b_bad += _dot(tl.where(vis, 1.0, 0.0), tl.trans(b_dobad), PV_DT)
     for i0 in range(mid, Lq, BM):
         o_i = i0 + tl.arange(0, BM)
         m_i = o_i < Lq  # only the last query tile runs past Lq: its rows load q = dO = 0, hence dt = P·dO = 0
@@ -555,7 +552,6 @@ def lssa_bwd_dkdv_kernel(
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)
         b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)
 
-    b_dv = tl.where(b_bad > 0, float("nan"), b_dv)
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
 
@@ -568,11 +564,11 @@ def lssa_bwd_dkdv_kernel(
 INTERPRETER_TILES = dict(BM=64, BN=64)
 """Tiles in the interpreter, whose cost grows with the number of tile iterations, not with their size."""
 
-TILES = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 3), "dkdv": (64, 128, 8, 3)}
+TILES = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2), "dkdv": (32, 128, 8, 2)}
 """The main GPU configuration per kernel (BM query rows, BN keys, num_warps, num_stages): the one the kernel
 report compiles and budgets (``python -m freeatten_core kernel-report``), with the softmax yardsticks in the
-same tiles. The dK/dV kernel works on [BN, BM] = [128, 64] tiles so that its matmuls have 128 rows: warpgroup MMA
-(HGMMA) on Hopper, where a 64×32 tile fell back to mma.sync."""
+same tiles. The dK/dV kernel works on [BN, BM] = [128, 32] tiles so that its matmuls have 128 rows: warpgroup MMA
+(HGMMA) on Hopper, where a 64×32 tile fell back to mma.sync; [128, 64] spills at head dim 64."""
 
 GPU_CANDIDATES = {kind: [TILES[kind], *more] for kind, more in {
     "fwd": [(128, 128, 8, 3), (64, 64, 4, 3)],

@@ -1,0 +1,71 @@
+"""The kernel report as a performance regression check that needs no GPU: the fused kernels are compiled for
+Hopper (sm_90a) with Triton's own compiler and ptxas, and their inner loops are counted in SASS.
+
+Only the main configuration (head dim 64, bfloat16, causal, the kernels' TILES) is compiled here (about 20–40 s
+on 2 cores without a warm Triton cache); ``python -m freeatten_core kernel-report`` does sm_80, other head dims
+and dtypes. Fails when a kernel loop needs more instructions per attention element than its ceiling
+(``kernel_report.CEILINGS``, +3 %), spills, or loses warpgroup MMA (HGMMA).
+"""
+
+import copy
+
+import pytest
+
+from freeatten_core import kernel_report as kr
+
+SASS_LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/                   MUFU.EX2 R6, R2 ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0040*/              @!P0 BRA 0x10 ;
+        /*0050*/                   EXIT ;
+"""
+
+
+def test_sass_analysis_counts_a_loop():
+    # a hand-written listing: the loop is [0x10, 0x40], 4 instructions, 2 elements per thread
+    out = kr.analyse_sass(SASS_LOOP, 2.0, ["main"])
+    loop = out["loops"]["main"]
+    assert loop["instructions"] == 4 and loop["per_element"] == 2.0
+    assert loop["mufu_per_element"] == {"EX2": 0.5} and loop["hgmma"] == 1
+    assert out["spill_instructions"] == 0 and out["loop_structure_ok"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return kr.build_report(archs=(90,), head_dims=(64,), dtypes=("bfloat16",), causal=True, processes=2)
+
+
+def test_main_kernels_within_ceilings(report):
+    bad = kr.check_budgets(report["rows"])
+    assert not bad, "\n".join(bad)
+    names = {r["kernel"] for r in report["rows"]}
+    assert names >= set(kr.CEILINGS), names
+    for r in report["rows"]:
+        assert r["mma"] == "HGMMA" and not r["spills"], r["kernel"]
+    print(kr.format_table(report), f"\ncompiled in {report['compile_seconds_total']} s")
+
+
+def test_check_flags_a_bloated_kernel(report):
+    # the check can fail: a kernel whose loop is 10 % over its ceiling, one that spills, one on mma.sync
+    rows = copy.deepcopy(report["rows"])
+    lssa = next(r for r in rows if r["kernel"] == "lssa_fwd")
+    lssa["loops"]["full"]["per_element"] = kr.CEILINGS["lssa_fwd"]["full"] * 1.10
+    dq = next(r for r in rows if r["kernel"] == "lssa_dq")
+    dq["spills"], dq["spill_instructions"] = True, 12
+    dkdv = next(r for r in rows if r["kernel"] == "lssa_dkdv")
+    dkdv["mma"] = "HMMA"
+    bad = kr.check_budgets(rows)
+    assert any("lssa_fwd" in b and "ceiling" in b for b in bad), bad
+    assert any("lssa_dq" in b and "spills" in b for b in bad), bad
+    assert any("lssa_dkdv" in b and "HGMMA" in b for b in bad), bad
+
+
+def test_yardsticks_are_budgeted_against(report):
+    # every LSSA loop has a ratio against the softmax yardstick compiled in the same tiles
+    for r in report["rows"]:
+        if r["kernel"] in kr.BUDGETS:
+            assert set(r["budget"]) == set(kr.BUDGETS[r["kernel"]][1]), r["kernel"]
+            y = next(x for x in report["rows"] if x["kernel"] == kr.BUDGETS[r["kernel"]][0])
+            assert (y["BM"], y["BN"], y["num_warps"]) == (r["BM"], r["BN"], r["num_warps"])
