@@ -109,18 +109,19 @@ def _signed(x) -> str:
 
 
 def extrapolation_table(record: dict, metric: str = "loss_last", factor: int = 8) -> str:
-    """A MyST/Markdown table: the paper's loss at 1× and ``factor``× the training length beside the recorded
-    run's, the rise from 1× to ``factor``× of each, the shape of each curve and whether the shapes agree.
+    """A Markdown table: per method, the paper's loss at 1× and ``factor``× the training length and its rise,
+    the recorded run's, the run's loss at its longest length, the shape of each curve (paper / run) and whether
+    the shapes agree.
 
     Losses are not comparable across the two (different data, tokenizer, model size and training length):
-    the comparison is of the *shape*, rise from 1× to ``factor``×, with the thresholds of
+    the comparison is of the *shape*, the rise from 1× to ``factor``×, with the thresholds of
     ``freeatten_core.experiments``.
     """
     losses = record["losses"]
     longest = max((max(m[metric]) for m in losses.values() if m.get(metric)), default=factor)
-    head = (f"| method | paper 1× | paper {factor}× | paper rise | paper shape | measured 1× | measured {factor}× "
-            f"| measured {longest}× | measured rise 1×→{factor}× | measured shape | same shape? |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    lines = [f"| method | paper: 1× → {factor}× (rise) | this run: 1× → {factor}× (rise) | this run: {longest}× "
+             f"| shape: paper / run | same shape? |",
+             "|---|---|---|---|---|---|"]
     for variant, (paper_key, label) in PAPER_ROWS.items():
         if variant not in losses and paper_key is None:
             continue
@@ -133,8 +134,9 @@ def extrapolation_table(record: dict, metric: str = "loss_last", factor: int = 8
         m_rise = mk - m1 if m1 is not None and mk is not None else None
         m_shape = shape(m_rise, m1) if m_rise is not None else "not run"
         same = "–" if p_rise is None or m_rise is None else ("yes" if p_shape == m_shape else "**no**")
-        lines.append(f"| {label} | {_fmt(p1)} | {_fmt(pk)} | {_signed(p_rise)} | {p_shape} | {_fmt(m1)} "
-                     f"| {_fmt(mk)} | {_fmt(ml)} | {_signed(m_rise)} | {m_shape} | {same} |")
+        paper_cell = "–" if p_rise is None else f"{_fmt(p1)} → {_fmt(pk)} ({_signed(p_rise)})"
+        run_cell = "–" if m_rise is None else f"{_fmt(m1)} → {_fmt(mk)} ({_signed(m_rise)})"
+        lines.append(f"| {label} | {paper_cell} | {run_cell} | {_fmt(ml)} | {p_shape} / {m_shape} | {same} |")
     return "\n".join(lines)
 
 

@@ -56,10 +56,9 @@ def test_extrapolation_table_reads_the_record_and_compares_shapes(tmp_path):
     assert "`ci` preset on cpu: x86_64" in line and "0123456789 (uncommitted changes)" in line
     table = report.extrapolation_table(rec)
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in table.splitlines()[2:]}
-    assert rows["Softmax"][:4] == ["3.19", "6.28", "+3.09", "degrades"]
-    assert rows["Softmax"][4:] == ["2.00", "3.00", "3.50", "+1.00", "degrades", "yes"]
-    assert rows["LSSAR (p = 15)"][-2:] == ["flat", "yes"]
-    assert rows["LSSA"][-2:] == ["not run", "–"]
+    assert rows["Softmax"] == ["3.19 → 6.28 (+3.09)", "2.00 → 3.00 (+1.00)", "3.50", "degrades / degrades", "yes"]
+    assert rows["LSSAR (p = 15)"][-2:] == ["flat / flat", "yes"]
+    assert rows["LSSA"][-2:] == ["degrades / not run", "–"]
     assert "SSMax" not in rows  # not run and not in the paper's table
 
 
