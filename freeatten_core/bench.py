@@ -363,6 +363,7 @@ def main(argv=None) -> int:
     try:  # every value and the output folder checked before any work
         resolve("lssar", {"p": args.p, "offset_rows": args.offset_rows})
         atomic.check_output_dir(args.out, "--out")
+        atomic.remove_stale_temporaries(args.out)  # of a killed earlier run
         if args.tag is not None and (not args.tag or "/" in args.tag or args.tag in (".", "..")):
             raise ValueError(f"--tag must be a plain file-name part, got {args.tag!r}")
     except ValueError as e:

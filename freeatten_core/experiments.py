@@ -80,6 +80,7 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
     out_dir = atomic.check_output_dir(out_dir, "run directory")
     if results_dir is not None:
         atomic.check_output_dir(results_dir, "results directory")
+        atomic.remove_stale_temporaries(results_dir)  # of a killed earlier run
     for v in vs:  # every config checked before the first run starts
         config_from_preset(preset, **{**(overrides or {}), "out_dir": str(out_dir / v.run_name),
                                       "attention": v.method, "attention_options": dict(v.options)})
