@@ -257,8 +257,6 @@ def test_unit_sphere_methods_are_scale_invariant_in_float32(method, eq, ek, seed
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.xfail(strict=False, reason="the fused kernels normalise q and k without rescaling (kernel work pending: "
-                                        "use reference.unit)")
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 def test_fused_kernels_are_scale_invariant(scale):
     g = torch.Generator().manual_seed(0)
