@@ -288,7 +288,7 @@ def _slug(s: str) -> str:
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """fwd+bwd time of every (method, impl) over SDPA's at the same (D, L): the issue's targets are read here."""
+    """fwd+bwd time of every (method, impl) over SDPA's at the same (D, L): the speed targets of the kernels are read here."""
     sdpa = {(r["D"], r["L"]): r["ms"].get("fwdbwd") for r in results if r["impl"] == "sdpa" and r["status"] == "ok"}
     out = []
     for r in results:

@@ -161,7 +161,7 @@ PAPER_TABLE = {
     "lssar": {1: 3.19, 2: 3.19, 4: 3.23, 8: 3.32},  # p = 15
 }
 """Validation loss at k x 1024 tokens (GPT-2 124M + RoPE, FineWeb 10B tokens), from a secondary summary of the
-ICML version of the paper: approximate, see the spec. Keys are multiples of the training length."""
+ICML version of the paper: approximate (the book's "Results against the paper" page says so). Keys are multiples of the training length."""
 
 FLAT_TOLERANCE = 0.05  # "almost flat": loss on the last L tokens rises by at most 5 % (paper: LSSAR +4 % at 8x)
 DEGRADE_THRESHOLD = 0.10  # "degrades": rises by more than 0.1 nats (paper: softmax +3.09 nats at 8x)
@@ -231,7 +231,7 @@ def extrapolation_claims(results: dict, metric: str = "loss_last") -> list[dict]
 def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10, overrides: dict | None = None,
                           command: str | None = None) -> dict:
     """Training tokens/s of the ``preset`` model with LSSAR (p = 15, ``backend="triton"``) and with softmax
-    through PyTorch SDPA; the ratio lssar/softmax is the number the issue asks for (target >= 0.8)."""
+    through PyTorch SDPA; the ratio lssar/softmax is the number to watch (target: >= 0.8)."""
     from .provenance import provenance
     from .train import measure_throughput, resolve_device
 

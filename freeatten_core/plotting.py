@@ -73,3 +73,22 @@ def style(name: str) -> dict:
     if _key(name) == "lssa+reweight@eval":
         kw["linestyle"] = "--"
     return kw
+
+
+def stamp(fig, preset: str | None = None, prov: dict | None = None) -> str:
+    """Label a results figure with where it came from: device, preset, commit and date (bottom right).
+
+    ``prov`` is a :func:`freeatten_core.provenance.provenance` record (default: this run, now). Returns the text.
+    """
+    if prov is None:
+        from .provenance import provenance
+
+        prov = provenance()
+    commit = prov.get("git_commit") or "no commit"
+    dirty = commit.endswith("+dirty")
+    commit = commit.removesuffix("+dirty")[:12] + (" + local changes" if dirty else "")
+    parts = [prov.get("device", "?"), f"preset {preset}" if preset else None, f"commit {commit}",
+             (prov.get("date_utc") or "?")[:10]]
+    text = " · ".join(p for p in parts if p)
+    fig.text(0.995, 0.005, text, ha="right", va="bottom", fontsize=7, color="#555555")
+    return text

@@ -89,3 +89,19 @@ def test_kernel_table_lists_each_loop(tmp_path):
     assert path == "results/kernels/k.json"
     lines = report.kernel_table(rep).splitlines()
     assert len(lines) == 3 and "| lssa_fwd | 64 | bfloat16 | 128×64 | no | full | 11.50 | 1.00 |" == lines[2]
+
+
+def test_stamp_names_device_preset_commit_and_date():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from freeatten_core.plotting import stamp
+
+    fig = plt.figure()
+    text = stamp(fig, preset="ci", prov={"device": "cpu: x86_64", "git_commit": "0123456789abcdef+dirty",
+                                         "date_utc": "2026-12-01T10:00:00Z"})
+    assert text == "cpu: x86_64 · preset ci · commit 0123456789ab + local changes · 2026-12-01"
+    assert fig.texts[-1].get_text() == text
+    plt.close(fig)
