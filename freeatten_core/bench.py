@@ -472,3 +472,50 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole-model training throughput (tokens/s), e.g. fused LSSAR against SDPA softmax on a GPU
+# ------------------------------------------------------------------------------------------------------------
+
+def measure_throughput(model_cfg, batch_size: int, steps: int = 20, warmup: int = 5, device="auto",
+                       dtype: str = "auto", compile: bool = False, seed: int = 0) -> dict:
+    """Training tokens per second (forward + backward + AdamW) on random tokens of length ``block_size``.
+
+    The GPU comparison is ``lssar`` with ``backend="triton"`` against ``softmax`` with ``backend="auto"``, which
+    on CUDA runs PyTorch SDPA (flash) through :func:`freeatten_core.attention`; same model otherwise.
+    """
+    import torch
+
+    from .model import GPT
+    from .runtime import autocast_for, resolve_device
+
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).to(device)
+    opt = model.configure_optimizer(1e-4, 0.1, device_type=device.type)
+    fwd = torch.compile(model) if compile else model
+    L = model_cfg.block_size
+    x = torch.randint(0, model_cfg.vocab_size, (batch_size, L + 1), device=device)
+
+    def step():
+        with autocast_for(device, dtype):
+            _, loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    sdpa = model_cfg.attention == "softmax" and model_cfg.backend == "auto" and device.type == "cuda"
+    return {"attention": model_cfg.attention, "backend": "sdpa" if sdpa else model_cfg.backend,
+            "batch_size": batch_size, "block_size": L, "params": model.num_params(),
+            "ms_per_step": 1000 * dt, "tokens_per_s": batch_size * L / dt, "device": str(device), "dtype": dtype,
+            "compile": compile}

@@ -1,6 +1,8 @@
-"""Length-extrapolation evaluation: validation loss at k·L for k = 1, 2, 4, 8, 16 (L = the training length).
+"""The evaluation runner: load a checkpoint, choose the attention method and backend, run tasks over lengths
+k·L (L = the training length), and write the results with their provenance.
 
-Two numbers per length, because they answer different questions:
+The tasks themselves (what is measured and how it is scored) are in :mod:`freeatten_core.tasks`; the first is
+``loss``, the validation loss at k·L, with two numbers per length because they answer different questions:
 
 * ``loss_window``: the mean loss over the whole window of k·L tokens, what most papers report. It flatters
   long windows: the first L positions of every window are in-distribution, and a model that fails beyond L is
@@ -8,32 +10,38 @@ Two numbers per length, because they answer different questions:
 * ``loss_last``: the mean loss over the last L tokens of the window, i.e. only positions (k-1)·L … k·L - 1,
   the ones that need extrapolation. At k = 1 both numbers are the same.
 
-plus ``loss_by_position`` (the mean over windows at every position), for the plots.
+plus ``loss_by_position`` (the mean over windows at every position), for the plots. The loss results stay under
+``"results"`` (as before the task structure); every other task's results are under ``"tasks"``.
 
 Python::
 
     from freeatten_core.evaluate import evaluate_checkpoint
     res = evaluate_checkpoint("runs/lssa", method="lssar", options={"p": 15})   # LSSA, re-weighted at inference
+    res = evaluate_checkpoint("runs/lssar", tasks=("passkey", "recall", "induction"), factors=(1, 4, 16))
 
 Command line::
 
     python -m freeatten_core evaluate --checkpoint runs/lssa --method lssar --option p=15 --out res.json
+    python -m freeatten_core evaluate --checkpoint runs/lssar --task passkey --task induction --factors 1 4 16
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import numbers
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import atomic
+from .checkpoint import load_model
+from .presets import preset_evaluation
 from .provenance import provenance
-from .train import autocast_for, load_model, parse_options, resolve_device
+from .runtime import parse_options, resolve_device
+from .tasks import TASKS, check_tasks, get_task
 
 
 def _check_count(name: str, value) -> int:
@@ -51,76 +59,111 @@ def _check_factors(factors) -> tuple:
     return tuple(_check_count("each length factor", k) for k in factors)
 
 
+@dataclass
+class EvalConfig:
+    """What an evaluation runs: ``tasks`` at lengths ``factors`` × L, ``windows`` examples per task and length,
+    in batches of ``batch_size``; ``seed`` draws the synthetic tasks' examples. Defaults per preset:
+    :data:`freeatten_core.presets.EVALUATION` (:meth:`from_preset`)."""
+    tasks: tuple = ("loss",)
+    factors: tuple = (1, 2, 4, 8, 16)
+    windows: int = 16
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        self.tasks = check_tasks(self.tasks)
+        self.factors = _check_factors(self.factors)
+        self.windows = _check_count("windows", self.windows)
+        self.batch_size = _check_count("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **overrides) -> "EvalConfig":
+        return cls(**{**preset_evaluation(preset), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def run_task(model, task, block_size: int, factors, n: int, batch_size: int = 16, tokenizer=None, data=None,
+             seed: int = 0, device=None, dtype: str = "auto") -> dict:
+    """``{str(k): task result at k·block_size}`` for one task (name or :class:`~freeatten_core.tasks.Task`)."""
+    task = get_task(task) if isinstance(task, str) else task
+    factors = _check_factors(factors)
+    out = {}
+    for k in factors:
+        ex = task.make_examples(tokenizer, int(k) * block_size, n, seed, data=data, block_size=block_size)
+        res = task.score(model, ex, batch_size=batch_size, device=device, dtype=dtype)
+        out[str(k)] = {"factor": int(k), **res}
+    return out
+
+
 @torch.no_grad()
 def evaluate_model(model, val_docs, block_size: int, factors=(1, 2, 4, 8, 16), n_windows: int = 16,
                    batch_size: int = 16, device=None, dtype: str = "auto") -> dict:
-    """Loss at each length k·``block_size``; ``val_docs`` is a list of token arrays (whole documents)."""
-    from .data import val_windows
+    """The ``loss`` task at each length k·``block_size``; ``val_docs`` is a list of token arrays (documents)."""
+    from .data import TokenData
 
-    device = next(model.parameters()).device if device is None else torch.device(device)
     factors = _check_factors(factors)
     n_windows, batch_size = _check_count("n_windows", n_windows), _check_count("batch_size", batch_size)
-    model.eval()
-    out = {}
-    for k in factors:
-        length = int(k) * block_size
-        windows = torch.from_numpy(val_windows(val_docs, length, n_windows))  # [n, length + 1]
-        per_pos = torch.zeros(length, dtype=torch.float64)
-        for i in range(0, len(windows), batch_size):
-            w = windows[i:i + batch_size].to(device)
-            with autocast_for(device, dtype):
-                _, loss = model(w[:, :-1], w[:, 1:], reduction="none")  # [b, length]
-            per_pos += loss.double().sum(0).cpu()
-        per_pos /= len(windows)
-        bad = (~torch.isfinite(per_pos)).nonzero().flatten()
-        if len(bad):
-            raise FloatingPointError(f"the loss at {k}x ({length} tokens) is {float(per_pos[bad[0]])} at position "
-                                     f"{int(bad[0])} ({len(bad)} of {length} positions are not finite): the model "
-                                     f"or its attention produces NaN/Inf on these inputs")
-        out[str(k)] = {
-            "factor": int(k), "length": length, "windows": len(windows),
-            "loss_window": float(per_pos.mean()),
-            "loss_last": float(per_pos[-block_size:].mean()),
-            "loss_by_position": [round(float(x), 5) for x in per_pos],
-        }
-    return out
+    data = TokenData(train=np.zeros(0, np.int64), val=list(val_docs), vocab_size=model.lm_head.out_features,
+                     tokenizer="?", corpus="?")
+    return run_task(model, "loss", block_size, factors, n_windows, batch_size, data=data, device=device,
+                    dtype=dtype)
+
+
+def check_vocabulary(model_vocab: int, tokenizer, what: str) -> None:
+    if tokenizer.vocab_size != model_vocab:
+        raise ValueError(f"{what}: the checkpoint's model has a vocabulary of {model_vocab} tokens but its "
+                         f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} has {tokenizer.vocab_size}: a "
+                         f"checkpoint of another vocabulary cannot be evaluated with this tokenizer or corpus")
 
 
 def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | None = None, factors=None,
                         n_windows: int | None = None, batch_size: int | None = None, device="auto",
-                        backend: str | None = None, data=None, command: str | None = None) -> dict:
-    """Evaluate a checkpoint, optionally with another attention method (weights unchanged).
+                        backend: str | None = None, data=None, command: str | None = None, tasks=("loss",),
+                        seed: int = 0, preset: str | None = None) -> dict:
+    """Evaluate a checkpoint on ``tasks``, optionally with another attention method or backend (weights
+    unchanged). Unset values come from :class:`EvalConfig` for ``preset`` (default: the package defaults)."""
+    from .data import get_tokenizer, load_tokens
 
-    Defaults (factors, number of windows, batch size, corpus) come from the checkpoint's training config.
-    """
-    from .data import load_tokens
-
-    factors = None if factors is None else _check_factors(factors)
-    n_windows = None if n_windows is None else _check_count("n_windows", n_windows)
-    batch_size = None if batch_size is None else _check_count("batch_size", batch_size)
+    ecfg = EvalConfig.from_preset(preset, tasks=tasks, factors=factors, windows=n_windows, batch_size=batch_size,
+                                  seed=seed)
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     tcfg = ckpt["train_config"]
+    legacy = {k: tcfg[f"eval_{k}"] for k in ("factors", "windows", "batch_size") if f"eval_{k}" in tcfg}
+    if preset is None and legacy:  # a checkpoint written while TrainConfig held the evaluation settings
+        ecfg = EvalConfig(**{**legacy, "tasks": ecfg.tasks, "seed": ecfg.seed,
+                             **{k: v for k, v in (("factors", factors), ("windows", n_windows),
+                                                  ("batch_size", batch_size)) if v is not None}})
     trained_method, trained_options = model.attention_method
-    if method is not None or options is not None:
-        model.set_attention(method or trained_method, options if options is not None else {})
-    if backend is not None:
-        model.cfg.backend = backend  # GPTConfig is shared by the layers
-    data = data if data is not None else load_tokens(tcfg["corpus"], tcfg["tokenizer"], tcfg.get("data_path"))
+    model.set_attention(method, options, backend)  # one call; None keeps what the model was trained with
+    vocab = ckpt["model_config"]["vocab_size"]
+    if data is not None:
+        if data.vocab_size != vocab:
+            raise ValueError(f"{checkpoint}: the checkpoint's model has a vocabulary of {vocab} tokens, the data "
+                             f"{data.vocab_size} ({data.tokenizer}): a checkpoint of another vocabulary")
+    elif any(get_task(t).needs_data for t in ecfg.tasks):
+        data = load_tokens(tcfg["corpus"], tcfg["tokenizer"], tcfg.get("data_path"))
+    tokenizer = get_tokenizer(tcfg["tokenizer"])
+    check_vocabulary(vocab, tokenizer, str(checkpoint))
     L = ckpt["model_config"]["block_size"]
-    factors = tuple(factors if factors is not None else tcfg["eval_factors"])
     eval_method, eval_options = model.attention_method
-    losses = evaluate_model(model, data.val, L, factors, n_windows if n_windows is not None else tcfg["eval_windows"],
-                            batch_size if batch_size is not None else tcfg["eval_batch_size"], dev,
-                            tcfg.get("dtype", "auto"))
-    return {
+    results = {t: run_task(model, t, L, ecfg.factors, ecfg.windows, ecfg.batch_size, tokenizer, data, ecfg.seed,
+                           dev, tcfg.get("dtype", "auto")) for t in ecfg.tasks}
+    out = {
         "trained": {"method": trained_method, "options": trained_options, "steps": ckpt["step"],
                     "checkpoint": str(checkpoint), "block_size": L, "params": model.num_params(),
-                    "final_train_loss": _tail_mean(ckpt.get("history", []))},
-        "evaluated": {"method": eval_method, "options": eval_options, "backend": model.cfg.backend},
-        "data": data.summary(), "factors": list(factors), "results": losses,
-        "provenance": provenance(command, dev),
+                    "final_train_loss": _tail_mean(ckpt.get("history", [])), "seed": tcfg.get("seed")},
+        "evaluated": {"method": eval_method, "options": eval_options, "backend": model.attention_backend},
+        "data": data.summary() if data is not None else None, "factors": list(ecfg.factors),
+        "evaluation": {"tasks": list(ecfg.tasks), "windows": ecfg.windows, "batch_size": ecfg.batch_size,
+                       "seed": ecfg.seed},
     }
+    if "loss" in results:
+        out["results"] = results.pop("loss")
+    out["tasks"] = results
+    out["provenance"] = provenance(command, dev)
+    return out
 
 
 def _tail_mean(history) -> float | None:
@@ -167,6 +210,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default=None, choices=["auto", "reference", "triton"])
+    ap.add_argument("--task", action="append", default=None, metavar="TASK",
+                    help=f"task to run (repeatable; default loss): {', '.join(TASKS)}")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks' examples")
     ap.add_argument("--out", default=None, help="write the JSON here (atomically); default: print it")
     args = ap.parse_args(argv)
     try:  # every value checked, and the output path, before any work
@@ -175,6 +221,9 @@ def main(argv=None) -> int:
         for name in ("windows", "batch_size"):
             if getattr(args, name) is not None:
                 _check_count("--" + name.replace("_", "-"), getattr(args, name))
+        tasks = check_tasks(args.task) if args.task else ("loss",)
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
         if args.out:
             atomic.check_output_file(args.out, "--out")
             atomic.remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)
@@ -183,17 +232,20 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-
         res = evaluate_checkpoint(args.checkpoint, args.method, options, args.factors, args.windows,
-                                  args.batch_size, args.device, args.backend,
+                                  args.batch_size, args.device, args.backend, tasks=tasks, seed=args.seed,
                                   command="python -m freeatten_core evaluate " + " ".join(argv or sys.argv[1:]))
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.out:
         write_json(res, args.out)
-        brief = {k: (v["loss_window"], v["loss_last"]) for k, v in res["results"].items()}
-        print(atomic.dumps_json({"out": args.out, "loss_window_last": brief}, indent=None))
+        brief = {"out": args.out}
+        if "results" in res:
+            brief["loss_window_last"] = {k: (v["loss_window"], v["loss_last"]) for k, v in res["results"].items()}
+        for t, r in res["tasks"].items():
+            brief[f"{t}_accuracy"] = {k: v["accuracy"] for k, v in r.items()}
+        print(atomic.dumps_json(brief, indent=None))
     else:
         print(atomic.dumps_json(res, default=_json_default))
     return 0

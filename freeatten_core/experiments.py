@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import atomic
-from .evaluate import evaluate_checkpoint, write_json
+from .attention.methods import POSITIVITY_MAP_NAMES
+from .evaluate import EvalConfig, evaluate_checkpoint, write_json
 from .train import config_from_preset, train
 
 
@@ -69,14 +70,19 @@ def get_variants(names) -> list[Variant]:
 
 
 def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="runs/extrapolation", results_dir=None,
-                      overrides: dict | None = None, progress: bool = False, command: str | None = None) -> dict:
+                      overrides: dict | None = None, progress: bool = False, command: str | None = None,
+                      evaluation: dict | None = None) -> dict:
     """Train each distinct model of ``variants`` at ``preset`` (resuming finished runs), evaluate every variant
     at 1x..16x, and return ``{variant: evaluation}`` (each with its training summary under ``"training"``).
+
+    ``evaluation``: :class:`~freeatten_core.evaluate.EvalConfig` fields (factors, windows, batch_size) that
+    replace the preset's evaluation defaults.
 
     ``results_dir``: also write ``<results_dir>/<variant>.json`` (atomically).
     """
     vs = get_variants(variants)
     _check_overrides(overrides, ("out_dir", "attention", "attention_options", "progress"))
+    _check_evaluation(preset, evaluation)
     out_dir = atomic.check_output_dir(out_dir, "run directory")
     if results_dir is not None:
         atomic.check_output_dir(results_dir, "results directory")
@@ -98,7 +104,9 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
     for v in vs:
         cfg, summary = trained[v.run_name]
         res = evaluate_checkpoint(summary["checkpoint"], v.eval_method, v.eval_options, device=cfg.device,
-                                  command=command or f"freeatten_core.experiments.run_extrapolation({preset!r})")
+                                  preset=preset, factors=(evaluation or {}).get("factors"),
+                                  n_windows=(evaluation or {}).get("windows"),
+                                  batch_size=(evaluation or {}).get("batch_size"), command=command or f"freeatten_core.experiments.run_extrapolation({preset!r})")
         res["variant"], res["preset"], res["training"] = v.name, preset, summary
         results[v.name] = res
         if results_dir is not None:
@@ -110,7 +118,7 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
 # The decomposition ablation: which part of softmax matters, the exponential or the l1 normalisation?
 # ------------------------------------------------------------------------------------------------------------
 
-POSITIVITY_MAPS = ("exp", "softplus", "relu", "sigmoid")
+POSITIVITY_MAPS = POSITIVITY_MAP_NAMES  # from the method registry
 
 
 def decomposition_ablation(preset: str = "ci", steps: int = 120, maps=POSITIVITY_MAPS, out_dir="runs/ablation",
@@ -126,7 +134,7 @@ def decomposition_ablation(preset: str = "ci", steps: int = 120, maps=POSITIVITY
     for name, value in (("steps", steps), ("eval_windows", eval_windows)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    _check_overrides(overrides, ("out_dir", "attention", "progress", "eval_windows"))
+    _check_overrides(overrides, ("out_dir", "attention", "progress"))
     atomic.check_output_dir(out_dir, "run directory")
     rows = []
     for phi in maps:
@@ -134,11 +142,12 @@ def decomposition_ablation(preset: str = "ci", steps: int = 120, maps=POSITIVITY
             method = f"{phi}_{'l1' if l1 else 'nol1'}"
             over = {"max_steps": steps, "warmup_steps": max(1, steps // 10), "ckpt_interval": steps,
                     **(overrides or {}), "out_dir": str(Path(out_dir) / method), "attention": method,
-                    "progress": False, "eval_windows": eval_windows}
+                    "progress": False}
             cfg = config_from_preset(preset, **over)
             try:
                 summary = train(cfg)
-                ev = evaluate_checkpoint(summary["checkpoint"], factors=(1,), device=cfg.device)
+                ev = evaluate_checkpoint(summary["checkpoint"], factors=(1,), n_windows=eval_windows,
+                                         device=cfg.device, preset=preset)
                 final, val = summary["final_loss"], ev["results"]["1"]["loss_window"]
                 status = "ok"
             except FloatingPointError as e:  # a diverged run is a result, not a crash
@@ -233,7 +242,8 @@ def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10
     """Training tokens/s of the ``preset`` model with LSSAR (p = 15, ``backend="triton"``) and with softmax
     through PyTorch SDPA; the ratio lssar/softmax is the number to watch (target: >= 0.8)."""
     from .provenance import provenance
-    from .train import measure_throughput, resolve_device
+    from .bench import measure_throughput
+    from .runtime import resolve_device
 
     for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -252,6 +262,17 @@ def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10
     return {"preset": preset, "runs": runs,
             "ratio_lssar_over_softmax": runs["lssar_triton"]["tokens_per_s"] / runs["softmax_sdpa"]["tokens_per_s"],
             "provenance": provenance(command, resolve_device(cfg.device))}
+
+
+def _check_evaluation(preset, evaluation) -> None:
+    if evaluation is None:
+        return
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"evaluation must be a dict of EvalConfig fields, got {evaluation!r}")
+    bad = sorted(set(evaluation) - {"factors", "windows", "batch_size"})
+    if bad:
+        raise ValueError(f"unknown evaluation field(s) {', '.join(bad)}; valid: factors, windows, batch_size")
+    EvalConfig.from_preset(preset, **evaluation)  # raises on bad values
 
 
 def _check_overrides(overrides, owned) -> None:
@@ -276,7 +297,7 @@ def _variant_file(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESETS
-    from .train import parse_options
+    from .runtime import parse_options
 
     ap = argparse.ArgumentParser(prog="python -m freeatten_core experiments",
                                  description="the book's experiments: train, evaluate, compare with the paper")
@@ -347,7 +368,7 @@ def main(argv=None) -> int:
                 if value < low:
                     raise ValueError(f"{name} must be >= {low}, got {value}")
         _check_overrides(overrides, {"extrapolation": ("out_dir", "attention", "attention_options", "progress"),
-                                     "ablation": ("out_dir", "attention", "progress", "eval_windows"),
+                                     "ablation": ("out_dir", "attention", "progress"),
                                      "throughput": ("attention", "attention_options", "backend")}[args.experiment])
         config_from_preset(args.preset, **overrides)
     except (ValueError, TypeError) as e:

@@ -126,8 +126,9 @@ class CausalSelfAttention(nn.Module):
         self.ssmax_s = (nn.Parameter(torch.ones(cfg.n_head))
                         if cfg.attention == "ssmax" and "s" not in cfg.attention_options and cfg.learn_ssmax_s
                         else None)
-        # What forward calls; the evaluation may swap it (e.g. train LSSA, evaluate with LSSAR re-weighting).
-        self.method, self.options = cfg.attention, dict(cfg.attention_options)
+        # What forward calls; GPT.set_attention may swap it (e.g. train LSSA, evaluate with LSSAR re-weighting).
+        # Per layer, never through the config, which all layers share.
+        self.method, self.options, self.backend = cfg.attention, dict(cfg.attention_options), cfg.backend
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -143,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         if self.method == "ssmax" and self.ssmax_s is not None and "s" not in options:
             options["s"] = self.ssmax_s.to(q.dtype)
         # Lq <= Lk with causal=True: queries are aligned to the last Lq keys (what the cache needs).
-        y = attention_fn(q, k, v, method=self.method, causal=True, backend=self.cfg.backend, **options)
+        y = attention_fn(q, k, v, method=self.method, causal=True, backend=self.backend, **options)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -203,20 +204,34 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding is counted once
 
-    def set_attention(self, method: str, options: dict | None = None) -> None:
-        """Use another attention method from now on (e.g. evaluate an LSSA model with LSSAR re-weighting).
+    def set_attention(self, method: str | None = None, options: dict | None = None,
+                      backend: str | None = None) -> None:
+        """Use another attention method and/or backend from now on (e.g. evaluate an LSSA model with LSSAR
+        re-weighting, or run the reference instead of the fused kernels). ``None`` keeps the current value; a new
+        ``method`` without ``options`` takes that method's defaults.
 
-        The weights are unchanged; a learned SSMax s is used only while the method is ``ssmax``.
+        The weights are unchanged; a learned SSMax s is used only while the method is ``ssmax``. ``self.cfg``
+        (what the model was built and trained with) is not modified.
         """
+        cur_method, cur_options = self.attention_method
+        if method is None:
+            method, options = cur_method, cur_options if options is None else options
         options = dict(options or {})
         resolve(method, options)
+        backend = self.attention_backend if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         for block in self.transformer.h:
-            block.attn.method, block.attn.options = method, dict(options)
+            block.attn.method, block.attn.options, block.attn.backend = method, dict(options), backend
 
     @property
     def attention_method(self) -> tuple[str, dict]:
         attn = self.transformer.h[0].attn
         return attn.method, dict(attn.options)
+
+    @property
+    def attention_backend(self) -> str:
+        return self.transformer.h[0].attn.backend
 
     def new_cache(self) -> list[dict]:
         """An empty KV cache: one dict per layer, filled by :meth:`forward` with rotated keys and values."""

@@ -15,7 +15,8 @@
   (``--batch-size 16 --grad-accum 4`` keeps the 524,288 tokens per step).
 
 A preset is a plain dict of :class:`~freeatten_core.train.TrainConfig` fields (plus the model fields under
-``"model"``); every field can be overridden from the command line or from Python.
+``"model"``); every field can be overridden from the command line or from Python. Its evaluation defaults
+(lengths, windows, batch) are in :data:`EVALUATION`, apart from training.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ PRESETS: dict[str, dict] = {
         model=dict(block_size=64, n_layer=2, n_head=4, n_embd=128, dropout=0.0),
         batch_size=32, grad_accum=1, max_steps=300, warmup_steps=30,
         lr=3e-3, min_lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        eval_factors=(1, 2, 4, 8, 16), eval_windows=16, eval_batch_size=4,
         ckpt_interval=100, log_interval=10, compile=False,
     ),
     "gpu": dict(
@@ -36,7 +36,6 @@ PRESETS: dict[str, dict] = {
         model=dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
         batch_size=64, grad_accum=1, max_steps=1500, warmup_steps=100,
         lr=1e-3, min_lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        eval_factors=(1, 2, 4, 8, 16), eval_windows=64, eval_batch_size=8,
         ckpt_interval=500, log_interval=50, compile=False,
     ),
     "paper": dict(
@@ -45,10 +44,31 @@ PRESETS: dict[str, dict] = {
         batch_size=64, grad_accum=1,  # x 8 GPUs x 1024 tokens = 524,288 tokens per step
         max_steps=18865, warmup_steps=715,
         lr=6e-4, min_lr=6e-5, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
-        eval_factors=(1, 2, 4, 8, 16), eval_windows=64, eval_batch_size=1,
         ckpt_interval=1000, log_interval=10, compile=True,
     ),
 }
+
+
+EVALUATION: dict[str, dict] = {
+    "ci": dict(factors=(1, 2, 4, 8, 16), windows=16, batch_size=4),
+    "gpu": dict(factors=(1, 2, 4, 8, 16), windows=64, batch_size=8),
+    "paper": dict(factors=(1, 2, 4, 8, 16), windows=64, batch_size=1),
+}
+"""Evaluation defaults per preset (:class:`freeatten_core.evaluate.EvalConfig` fields): the length multiples
+k of the training length L, how many windows or examples per length, and the evaluation batch size. They are
+not training settings, so changing them never touches a checkpoint's training config."""
+
+DEFAULT_EVALUATION = dict(factors=(1, 2, 4, 8, 16), windows=16, batch_size=16)
+"""For checkpoints whose preset is unknown."""
+
+
+def preset_evaluation(name: str | None) -> dict:
+    """A copy of the evaluation defaults of preset ``name`` (``None``: :data:`DEFAULT_EVALUATION`)."""
+    if name is None:
+        return dict(DEFAULT_EVALUATION)
+    if name not in EVALUATION:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(EVALUATION)}")
+    return dict(EVALUATION[name])
 
 
 def get_preset(name: str) -> dict:

@@ -14,6 +14,9 @@ Command line::
     python -m freeatten_core train --preset gpu --method lssar --backend triton --throughput   # tokens/s
     python -m freeatten_core train --preset gpu --method softmax --throughput   # the yardstick (SDPA on CUDA)
 
+Checkpoint I/O is in :mod:`freeatten_core.checkpoint`, devices and ``torchrun`` in :mod:`freeatten_core.runtime`,
+the throughput measurement in :mod:`freeatten_core.bench`; this module is the training loop and its config.
+
 Reproducibility: the batches of step ``s`` are a pure function of ``(seed, s, micro-batch index)`` (see
 :func:`freeatten_core.data.get_batch`), the model is initialised from ``seed``, and a checkpoint stores the model,
 the optimiser and the step. A run resumed from a checkpoint therefore continues the same loss trajectory, and a
@@ -29,7 +32,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -40,11 +42,10 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .checkpoint import CHECKPOINT, LOG, read_checkpoint
 from .model import GPT, GPTConfig
-from .presets import PRESETS, get_preset
-
-CHECKPOINT = "ckpt.pt"
-LOG = "log.jsonl"
+from .presets import PRESETS, get_preset, preset_evaluation
+from .runtime import autocast_for, init_distributed, parse_options
 
 
 @dataclass
@@ -79,14 +80,11 @@ class TrainConfig:
     progress: bool = True
     resume: bool = True  # continue from out_dir/ckpt.pt when it exists
     allow_config_change: bool = False  # resume although the config differs (recorded in config_changes.jsonl)
-    # evaluation (used by freeatten_core.evaluate)
-    eval_factors: tuple = (1, 2, 4, 8, 16)
-    eval_windows: int = 16
-    eval_batch_size: int = 16
+    # Evaluation settings are not training settings: they live in freeatten_core.evaluate.EvalConfig (defaults
+    # per preset in freeatten_core.presets.EVALUATION), so a new evaluation never changes a training config.
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "ckpt_interval", "log_interval", "eval_windows",
-                     "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "max_steps", "ckpt_interval", "log_interval"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
@@ -106,11 +104,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: auto, float32, bfloat16")
-        factors = tuple(self.eval_factors) if isinstance(self.eval_factors, (list, tuple)) else ()
-        if not factors or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1
-                                       for k in factors):
-            raise ValueError(f"TrainConfig.eval_factors must be a non-empty list of integers >= 1, "
-                             f"got {self.eval_factors!r}")
         from .data import CORPORA, TOKENIZERS
 
         if self.corpus not in CORPORA:
@@ -124,7 +117,7 @@ class TrainConfig:
                 raise ValueError(f"unknown device {self.device!r} (e.g. auto, cpu, cuda, cuda:1)") from e
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
             raise ValueError(f"TrainConfig.out_dir must be a non-empty path, got {self.out_dir!r}")
-        self.betas, self.eval_factors = betas, tuple(int(k) for k in factors)
+        self.betas = betas
         self.model_config()  # validates the model fields and the attention method/options
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
@@ -144,8 +137,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["betas"], d["eval_factors"] = list(self.betas), list(self.eval_factors)
+        d["betas"] = list(self.betas)
         return d
+
+    # Read-only aliases kept for callers written before evaluation settings left TrainConfig (notebook 04 prints
+    # them): the evaluation defaults of the preset this config came from (config_from_preset records it).
+    @property
+    def eval_factors(self) -> tuple:
+        return tuple(preset_evaluation(getattr(self, "_preset", None))["factors"])
+
+    @property
+    def eval_windows(self) -> int:
+        return preset_evaluation(getattr(self, "_preset", None))["windows"]
 
 
 def config_from_preset(preset: str = "ci", **overrides) -> TrainConfig:
@@ -156,7 +159,9 @@ def config_from_preset(preset: str = "ci", **overrides) -> TrainConfig:
     bad = sorted(set(overrides) - valid)
     if bad:
         raise ValueError(f"unknown training option(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
-    return TrainConfig(**{**base, **overrides, "model": model})
+    cfg = TrainConfig(**{**base, **overrides, "model": model})
+    cfg._preset = preset  # not a field: never saved, never compared on resume
+    return cfg
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,99 +171,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Devices, distribution, precision
-# ------------------------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; pass --device cpu")
-    return dev
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on GPU (``dtype`` auto or bfloat16); nothing on CPU unless bfloat16 is asked for."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), resolve_device(device_name)
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, local, world), device
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------------------------
-
-# The package's one atomic writer (freeatten_core.atomic); these names are kept for callers of train.py.
-atomic_torch_save = atomic.torch_save
-atomic_write_text = atomic.write_text
-
-
-_CKPT_KEYS = ("model", "model_config", "train_config", "step")
-
-
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint dict, with a clear error for a missing, unreadable or foreign file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _CKPT_KEYS):
-        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a freeatten_core checkpoint (needs keys {', '.join(_CKPT_KEYS)}; has {have})")
-    return ckpt
-
-
-def load_model(path, device="cpu") -> tuple[GPT, dict]:
-    """The trained model (eval mode) and its checkpoint dict."""
-    ckpt = read_checkpoint(path)
-    bad = [k for k, t in ckpt["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"checkpoint {path} holds non-finite (NaN/Inf) weights in {', '.join(bad[:5])}"
-                         f"{' and more' if len(bad) > 5 else ''}: it cannot be evaluated; resume from an earlier "
-                         f"checkpoint or retrain")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: the weights do not fit its model config ({e})") from e
-    return model.to(device).eval(), ckpt
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -292,7 +204,8 @@ def _log_lines(path: Path, upto_step: int) -> list[str]:
 
 
 RESUME_FREE = ("out_dir", "progress", "resume", "allow_config_change", "device", "compile", "ckpt_interval",
-               "log_interval", "data_path")
+               "log_interval", "data_path",
+               "eval_factors", "eval_windows", "eval_batch_size")  # evaluation fields of older checkpoints
 """TrainConfig fields that may change when a run is resumed: where it runs and how often it reports, not what
 it computes. Any other difference stops the resume (see :func:`config_changes`)."""
 
@@ -377,7 +290,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
 
     def save(step: int) -> None:
         if dist_info.master:
-            atomic_torch_save({
+            atomic.torch_save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "history": history,
                 "torch_rng": torch.get_rng_state(), "data": data.summary(), "world_size": dist_info.world,
@@ -388,7 +301,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
     log_path = out / LOG
     if dist_info.master:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(log_path, "".join(line + "\n" for line in _log_lines(log_path, start)))
+        atomic.write_text(log_path, "".join(line + "\n" for line in _log_lines(log_path, start)))
         log_file = open(log_path, "a")
     tokens_per_step = cfg.batch_size * L * cfg.grad_accum * dist_info.world
     bar = None
@@ -458,66 +371,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, data=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Throughput (tokens/s) of one training step, e.g. fused LSSAR against SDPA softmax on a GPU
-# ------------------------------------------------------------------------------------------------------------
-
-def measure_throughput(model_cfg: GPTConfig, batch_size: int, steps: int = 20, warmup: int = 5, device="auto",
-                       dtype: str = "auto", compile: bool = False, seed: int = 0) -> dict:
-    """Training tokens per second (forward + backward + AdamW) on random tokens of length ``block_size``.
-
-    The GPU comparison is ``lssar`` with ``backend="triton"`` against ``softmax`` with ``backend="auto"``, which
-    on CUDA runs PyTorch SDPA (flash) through :func:`freeatten_core.attention`; same model otherwise.
-    """
-    device = resolve_device(device) if isinstance(device, str) else device
-    torch.manual_seed(seed)
-    model = GPT(model_cfg).to(device)
-    opt = model.configure_optimizer(1e-4, 0.1, device_type=device.type)
-    fwd = torch.compile(model) if compile else model
-    L = model_cfg.block_size
-    x = torch.randint(0, model_cfg.vocab_size, (batch_size, L + 1), device=device)
-
-    def step():
-        with autocast_for(device, dtype):
-            _, loss = fwd(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t) / steps
-    sdpa = model_cfg.attention == "softmax" and model_cfg.backend == "auto" and device.type == "cuda"
-    return {"attention": model_cfg.attention, "backend": "sdpa" if sdpa else model_cfg.backend, "batch_size": batch_size, "block_size": L, "params": model.num_params(),
-            "ms_per_step": 1000 * dt, "tokens_per_s": batch_size * L / dt, "device": str(device), "dtype": dtype,
-            "compile": compile}
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------
-
-def parse_options(items) -> dict:
-    """``["p=15", "offset_rows=3"]`` -> ``{"p": 15, "offset_rows": 3}`` (values parsed as JSON when they can be)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ValueError(f"expected NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        k = k.strip()
-        if k in out:
-            raise ValueError(f"{k} is given twice ({k}={json.dumps(out[k])} and {item}); give it once")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m freeatten_core train",
@@ -592,6 +447,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.throughput:
+        from .bench import measure_throughput
+
         mcfg = cfg.model_config(vocab_size=50257 if cfg.tokenizer == "gpt2" else 256)
         print(json.dumps(measure_throughput(mcfg, cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
                                             compile=cfg.compile)))

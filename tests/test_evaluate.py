@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from freeatten_core import checkpoint as C
 from freeatten_core import evaluate as E
 from freeatten_core import experiments as X
 from freeatten_core import train as T
@@ -18,14 +19,13 @@ def run(tmp_path_factory):
     """A tiny LSSA model trained a few steps on the real (byte-level) corpus."""
     out = tmp_path_factory.mktemp("run")
     cfg = T.config_from_preset("ci", out_dir=str(out), model=TINY, attention="lssa", max_steps=6, warmup_steps=2,
-                               batch_size=4, progress=False, eval_windows=3, eval_batch_size=2,
-                               eval_factors=(1, 2, 4))
+                               batch_size=4, progress=False)
     T.train(cfg)
     return out
 
 
 def test_two_metrics_and_loss_by_position(run):
-    model, _ = T.load_model(run)
+    model, _ = C.load_model(run)
     docs = [np.arange(300) % 256, (np.arange(200) * 7) % 256]
     res = E.evaluate_model(model, docs, 16, factors=(1, 4), n_windows=3, batch_size=2)
     assert set(res) == {"1", "4"}
@@ -46,8 +46,9 @@ def test_two_metrics_and_loss_by_position(run):
 
 
 def test_checkpoint_evaluation_with_inference_only_reweighting(run):
-    as_trained = E.evaluate_checkpoint(run, device="cpu", command="test")
-    reweighted = E.evaluate_checkpoint(run, method="lssar", options={"p": 15.0}, device="cpu", command="test")
+    ev = dict(factors=(1, 2, 4), n_windows=3, batch_size=2, device="cpu", command="test")
+    as_trained = E.evaluate_checkpoint(run, **ev)
+    reweighted = E.evaluate_checkpoint(run, method="lssar", options={"p": 15.0}, **ev)
     assert as_trained["trained"]["method"] == reweighted["trained"]["method"] == "lssa"
     assert as_trained["evaluated"]["method"] == "lssa"
     assert reweighted["evaluated"] == {"method": "lssar", "options": {"p": 15.0}, "backend": "auto"}
@@ -82,8 +83,8 @@ def test_cli_errors_name_the_problem(run, tmp_path, capsys):
 def test_run_extrapolation_shares_training_between_variants(tmp_path):
     res = X.run_extrapolation("ci", variants=["lssa", "lssa+reweight@eval"], out_dir=tmp_path / "runs",
                               results_dir=tmp_path / "results",
-                              overrides=dict(model=TINY, max_steps=3, warmup_steps=1, batch_size=2,
-                                             eval_factors=(1, 2), eval_windows=2))
+                              overrides=dict(model=TINY, max_steps=3, warmup_steps=1, batch_size=2),
+                              evaluation=dict(factors=(1, 2), windows=2))
     assert list(res) == ["lssa", "lssa+reweight@eval"]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["lssa"]  # one training run for both
     assert res["lssa+reweight@eval"]["evaluated"]["method"] == "lssar"
@@ -140,13 +141,13 @@ def test_notebook_04_runs_through_papermill_and_writes_results(tmp_path):
     pm.execute_notebook(str(root / "notebooks" / "04_training_extrapolation.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=dict(variants=["softmax", "lssar"], run_dir=str(tmp_path / "runs"),
                                         results_dir=str(tmp_path / "results"),
-                                        overrides=dict(model=TINY, max_steps=3, warmup_steps=1, batch_size=2,
-                                                       eval_windows=2, eval_factors=[1, 2])),
+                                        overrides=dict(model=TINY, max_steps=3, warmup_steps=1, batch_size=2)),
                         kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
     written = sorted(p.name for p in (tmp_path / "results").iterdir())
     assert written == ["extrapolation.png", "lssar.json", "softmax.json"]
     res = json.loads((tmp_path / "results" / "lssar.json").read_text())
-    assert res["factors"] == [1, 2] and res["provenance"]["command"].startswith("notebooks/04")
+    # notebook 04 has no evaluation parameter yet: the ci preset's evaluation (1x..16x) runs
+    assert res["factors"] == [1, 2, 4, 8, 16] and res["provenance"]["command"].startswith("notebooks/04")
     with pytest.raises(Exception, match="unknown variants"):
         pm.execute_notebook(str(root / "notebooks" / "04_training_extrapolation.ipynb"),
                             str(tmp_path / "bad.ipynb"), parameters=dict(variants=["lsssar"]),

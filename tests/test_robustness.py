@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import freeatten_core as fa
 from freeatten_core import atomic
+from freeatten_core import checkpoint as C
 from freeatten_core import data as D
 from freeatten_core import evaluate as E
 from freeatten_core import experiments as X
@@ -109,7 +110,7 @@ def test_training_killed_at_a_random_point_resumes_to_the_same_run(shards, refer
     delay = random.Random(seed).uniform(1.0, 3.5)  # import + start-up is ~1.5 s; the run itself ~2 s
     killed = kill_after(spawn(train_args(shards, run)), delay)
     if (run / "ckpt.pt").exists():  # whatever was left is whole: a loadable checkpoint, a readable log
-        assert T.read_checkpoint(run)["step"] >= 1
+        assert C.read_checkpoint(run)["step"] >= 1
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         logged(run)  # a line cut by the kill is reported and skipped, never an exception
@@ -117,7 +118,7 @@ def test_training_killed_at_a_random_point_resumes_to_the_same_run(shards, refer
     got, want = logged(run), logged(reference_run)
     assert [s for s, _ in got] == list(range(STEPS)), f"killed={killed} after {delay:.2f}s"
     assert [x for _, x in got] == [x for _, x in want]  # bit-identical on CPU
-    assert T.read_checkpoint(run)["step"] == STEPS
+    assert C.read_checkpoint(run)["step"] == STEPS
     assert temporaries(run) == []
 
 
@@ -233,7 +234,7 @@ def test_resume_with_another_config_refuses_and_names_the_fields(shards, tmp_pat
         assert T.main([*base, "--steps", "4", "--allow-config-change"]) == 0
     change = json.loads((tmp_path / "config_changes.jsonl").read_text().splitlines()[-1])
     assert change["step"] == 2 and change["changes"]["max_steps"] == [2, 4]
-    assert T.read_checkpoint(tmp_path)["train_config"]["max_steps"] == 4
+    assert C.read_checkpoint(tmp_path)["train_config"]["max_steps"] == 4
 
 
 # ------------------------------------------------------------------------------------------------------------

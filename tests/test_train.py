@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from freeatten_core import bench
+from freeatten_core import checkpoint as C
 from freeatten_core import train as T
 from freeatten_core.data import TokenData
 
@@ -83,13 +85,13 @@ def test_resume_refuses_another_model(tmp_path):
 
 def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        T.load_model(tmp_path / "missing.pt")
+        C.load_model(tmp_path / "missing.pt")
     (tmp_path / "garbage.pt").write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        T.load_model(tmp_path / "garbage.pt")
+        C.load_model(tmp_path / "garbage.pt")
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a freeatten_core checkpoint"):
-        T.load_model(tmp_path / "foreign.pt")
+        C.load_model(tmp_path / "foreign.pt")
 
 
 def test_config_errors_are_clear():
@@ -117,7 +119,7 @@ def test_cli_errors(capsys):
 
 
 def test_throughput_helper():
-    r = T.measure_throughput(T.config_from_preset("ci", model=TINY, attention="lssar").model_config(256),
+    r = bench.measure_throughput(T.config_from_preset("ci", model=TINY, attention="lssar").model_config(256),
                              batch_size=2, steps=2, warmup=1, device="cpu")
     assert r["tokens_per_s"] > 0 and r["attention"] == "lssar" and r["block_size"] == 16
 
@@ -145,7 +147,7 @@ def test_ddp_gloo_two_processes_equals_accumulation(tmp_path):
 
 
 def test_measure_throughput():
-    r = T.measure_throughput(T.GPTConfig(vocab_size=64, **TINY, attention="softmax"), batch_size=2, steps=1,
+    r = bench.measure_throughput(T.GPTConfig(vocab_size=64, **TINY, attention="softmax"), batch_size=2, steps=1,
                              warmup=1, device="cpu")
     assert r["backend"] == "auto" and r["tokens_per_s"] > 0 and r["block_size"] == TINY["block_size"]
 

@@ -20,9 +20,12 @@ class Method:
     family: str  # "paper", "ablation: decomposition", "ablation: re-weighting", "baseline"
     options: dict = field(default_factory=dict)  # option name -> default
     normalised: bool = True  # rows of the weight matrix sum to 1
+    phi: str | None = None  # decomposition ablation: the positivity map (the weights are phi or l1(phi))
 
 
 _REWEIGHT = {"p": 15.0, "offset_rows": 3}
+POSITIVITY_MAP_NAMES: tuple[str, ...] = ("exp", "softplus", "relu", "sigmoid")
+"""The positivity maps φ of the decomposition ablation (their formulas: ``reference.POSITIVITY_MAPS``)."""
 
 _TABLE = [
     Method("softmax", "softmax(q·k/√d)", "paper"),
@@ -32,8 +35,8 @@ _TABLE = [
     Method("sigmoid_l1_reweight", "re-weight(ℓ1(σ(ln d·ln N_i·q̂·k̂)))", "ablation: re-weighting", dict(_REWEIGHT)),
     *[
         Method(f"{phi}_{'l1' if l1 else 'nol1'}", f"{'ℓ1(' if l1 else ''}{phi}(q·k/√d){')' if l1 else ''}",
-               "ablation: decomposition", normalised=l1)
-        for phi in ("exp", "softplus", "relu", "sigmoid") for l1 in (True, False)
+               "ablation: decomposition", normalised=l1, phi=phi)
+        for phi in POSITIVITY_MAP_NAMES for l1 in (True, False)
     ],
     Method("sigmoid", "σ(q·k/√d − ln N_i)", "baseline", normalised=False),
     Method("relu", "ReLU(q·k/√d) / N_i", "baseline", normalised=False),

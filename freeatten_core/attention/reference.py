@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .methods import METHODS, POSITIVITY_MAP_NAMES, REGISTRY, Method
+
 # --------------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------------
@@ -161,7 +163,9 @@ def reweight(A: torch.Tensor, N: torch.Tensor, p: float, offset_rows: int,
 
 
 # --------------------------------------------------------------------------------------------------------
-# The methods: each maps (q, k, N, mask, options) to the weight matrix [B, H, Lq, Lk]
+# The methods: each maps (q, k, N, mask, options) to the weight matrix [B, H, Lq, Lk]. Names, options and
+# their defaults come from the registry (methods.py); method `name` is the function `_name` below, and the
+# decomposition ablation's `<phi>_l1` / `<phi>_nol1` are built by `_phi`.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -169,7 +173,7 @@ def _softmax(q, k, N, mask):
     return masked_softmax(dot_scores(q, k), mask)
 
 
-def _ssmax(q, k, N, mask, s=1.0):
+def _ssmax(q, k, N, mask, s):
     # Scalable-Softmax: softmax(s·ln(N_i)·q·k/√d); s is a scalar or one value per head.
     s = torch.as_tensor(s, dtype=q.dtype, device=q.device)
     s = s.reshape(1, -1, 1, 1) if s.ndim == 1 else s
@@ -181,7 +185,7 @@ def _lssa(q, k, N, mask):
     return l1_normalise(f)
 
 
-def _lssar(q, k, N, mask, p=15.0, offset_rows=3):
+def _lssar(q, k, N, mask, p, offset_rows):
     D = q.shape[-1]
     return reweight(_lssa(q, k, N, mask), N, p, offset_rows, length_scale(N, D)[:, None], D)
 
@@ -193,11 +197,11 @@ def _dot_score_bound(q, k, mask):
     return (q.norm(dim=-1, keepdim=True) * kmax / math.sqrt(q.shape[-1])).detach()
 
 
-def _softmax_reweight(q, k, N, mask, p=15.0, offset_rows=3):
+def _softmax_reweight(q, k, N, mask, p, offset_rows):
     return reweight(_softmax(q, k, N, mask), N, p, offset_rows, _dot_score_bound(q, k, mask), q.shape[-1])
 
 
-def _sigmoid_l1_reweight(q, k, N, mask, p=15.0, offset_rows=3):
+def _sigmoid_l1_reweight(q, k, N, mask, p, offset_rows):
     # The paper's "Sigmoid + ℓ1 + re-weighting" ablation: LSSAR with σ in place of softplus.
     f = mask_fill(torch.sigmoid(lss_scores(q, k, N)), mask, 0.0)
     D = q.shape[-1]
@@ -256,18 +260,20 @@ def _phi(name: str, l1: bool):
     return weights
 
 
-WEIGHT_FUNCTIONS = {
-    "softmax": _softmax,
-    "lssa": _lssa,
-    "lssar": _lssar,
-    "softmax_reweight": _softmax_reweight,
-    "sigmoid_l1_reweight": _sigmoid_l1_reweight,
-    "sigmoid": _sigmoid,
-    "relu": _relu,
-    "ssmax": _ssmax,
-    "linear": _linear,
-    **{f"{m}_{'l1' if l1 else 'nol1'}": _phi(m, l1) for m in POSITIVITY_MAPS for l1 in (True, False)},
-}
+def _formula(m: Method):
+    """The reference function of registry method ``m``."""
+    if m.phi is not None:
+        return _phi(m.phi, m.normalised)
+    fn = globals().get(f"_{m.name}")
+    if fn is None:
+        raise NotImplementedError(f"method {m.name!r} is in the registry (methods.py) but reference.py has no "
+                                  f"function _{m.name}")
+    return fn
+
+
+assert set(POSITIVITY_MAPS) == set(POSITIVITY_MAP_NAMES), "reference.POSITIVITY_MAPS and the registry disagree"
+WEIGHT_FUNCTIONS = {name: _formula(REGISTRY[name]) for name in METHODS}
+"""Method name -> weight function, derived from the registry (methods.py is the one list of names)."""
 
 
 def _weights(q, k, method, causal, **options):
@@ -276,6 +282,7 @@ def _weights(q, k, method, causal, **options):
     Lq, Lk = q.shape[-2], k.shape[-2]
     N = row_counts(Lq, Lk, causal, device=q.device, dtype=ct)
     mask = visible_mask(Lq, Lk, causal, device=q.device)
+    options = {**REGISTRY[method].options, **options}  # defaults from the registry
     return WEIGHT_FUNCTIONS[method](q, k, N, mask, **options)
 
 
