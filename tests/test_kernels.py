@@ -324,7 +324,7 @@ def _softplus2_on(t: torch.Tensor, deg: int) -> torch.Tensor:
     @triton.jit
     def kern(x, o, n, DEG: tl.constexpr):
         offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
-        f, _ = tk._softplus2(tl.load(x + offs, mask=offs < n, other=0.0), DEG)
+        f = tk._softplus2(tl.load(x + offs, mask=offs < n, other=0.0), DEG)
         tl.store(o + offs, f, mask=offs < n)
 
     out = torch.empty_like(t)
@@ -332,7 +332,7 @@ def _softplus2_on(t: torch.Tensor, deg: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("deg,bound", [(8, 4e-7), (5, 6e-5)])
+@pytest.mark.parametrize("deg,bound", [(8, 4e-7), (4, 4e-4)])
 def test_softplus_polynomial_accuracy(deg, bound):
     # log2(1 + 2^t) against float64 over the whole float32 range of scores (log-spaced magnitudes 1e-38..3e38,
     # both signs, and the range |t| <= 128 the kernels meet densely); relative error pinned (decisions page)

@@ -134,12 +134,15 @@ def _dot(a, b, DT: tl.constexpr):
 
 # log2(1 + y) = y·q(y) for y ∈ (0, 1]: q fitted for least maximum *relative* error (Lawson's iteration on 6000
 # Chebyshev nodes). Measured in float32 Horner against float64 over every float32 score (tests/test_kernels.py):
-# degree 8 (float32 inputs) 3.5e-7, degree 5 (half-precision inputs) 5.7e-5, which is far below the rounding of
-# the half-precision matmul operands (a score error of c·2^-11 ≈ 1e-2 at c = 30).
+# degree 8 (float32 inputs) 3.5e-7, degree 4 (half-precision inputs) 3.9e-4. Degree 4 is below both roundings
+# that half-precision inputs bring anyway: f goes into the P·V product as a bfloat16 (2^-9 = 2e-3) or float16
+# (4.9e-4) operand, and the float16 q̂, k̂ put an error of c·2^-11 ≈ 1e-2 into the score (so about 1e-2 into f).
+# Measured end to end (tests/test_kernels.py, GPU operand rounding emulated), degree 4 changes the outputs'
+# and gradients' error against float64 by less than 1e-4; it saves one FMA per attention element in every loop.
 SOFTPLUS_POLY = {
     8: (1.4426947832107544, -0.7213100790977478, 0.48006370663642883, -0.35339483618736267, 0.25600969791412354,
         -0.15535186231136322, 0.06360787898302078, -0.012319470755755901),
-    5: (1.4426132440567017, -0.7169874310493469, 0.44189882278442383, -0.22711941599845886, 0.05965153127908707),
+    4: (1.44212806224823, -0.7017472386360168, 0.3664805591106415, -0.10725437849760056),
 }
 
 
@@ -159,7 +162,7 @@ def _ld(ptr, mask, DT: tl.constexpr):
 @triton.jit
 def _softplus2(t, DEG: tl.constexpr):
     # f = log2(1 + 2^t) = max(t, 0) + log2(1 + y), y = 2^-|t| ∈ (0, 1]: one exp2 and a Horner polynomial on the
-    # FMA units (no log, no series switch, no select). Returns (f, y); y also gives σ (see _sigmoid2).
+    # FMA units (no log, no series switch, no select). t = −inf (a masked score) gives y = 0 and f = 0 exactly.
     y = tl.math.exp2(-tl.abs(t))
     if DEG == 8:
         h = y * -0.012319470755755901 + 0.06360787898302078
@@ -170,18 +173,26 @@ def _softplus2(t, DEG: tl.constexpr):
         h = h * y - 0.7213100790977478
         h = h * y + 1.4426947832107544
     else:
-        h = y * 0.05965153127908707 - 0.22711941599845886
-        h = h * y + 0.44189882278442383
-        h = h * y - 0.7169874310493469
-        h = h * y + 1.4426132440567017
-    return tl.maximum(t, 0.0) + y * h, y
+        h = y * -0.10725437849760056 + 0.3664805591106415
+        h = h * y - 0.7017472386360168
+        h = h * y + 1.44212806224823
+    return tl.maximum(t, 0.0) + y * h
 
 
 @triton.jit
-def _sigmoid2(t, y):
-    # σ(s) for the log2-domain score t = s·log2(e), from y = 2^-|t|: 1/(1 + y) for t >= 0, y/(1 + y) below; one
-    # approximate reciprocal (MUFU.RCP), no IEEE division
-    return tl.fdiv(tl.where(t >= 0, 1.0, y), 1.0 + y, ieee_rounding=False)
+def _sigmoid2(t, f):
+    # σ(s) = e^(s − softplus(s)) = 2^(t − f) in the log2 domain, from f = log2(1 + 2^t) already at hand: one
+    # subtraction and one exp2, no division. t = −inf (masked) gives 2^-inf = 0. The error of f (the
+    # polynomial's, relative to log2(1 + y) <= 1) enters σ only as a relative error of ln 2 times as much.
+    return tl.math.exp2(t - f)
+
+
+@triton.jit
+def _sigmoid2_only(t):
+    # σ(s) = 1/(1 + 2^-t) where f is not needed (LSSA's dQ): one exp2, one add, one approximate reciprocal.
+    # 2^-t overflows to +inf for t < -128 (and for a masked t = −inf): 1/inf = 0, the right limit.
+    e = 1.0 + tl.math.exp2(-t)
+    return tl.fdiv(tl.full(e.shape, 1.0, tl.float32), e, approx=True)
 
 
 @triton.jit
@@ -233,15 +244,6 @@ def _visible(o_i, o_j, Lk, off, CAUSAL: tl.constexpr):
     return vis
 
 
-@triton.jit
-def _finite(x):
-    # x with NaN/±Inf replaced by 0, and the 0/1 indicator of those elements. Used on edge tiles only: a matmul
-    # spreads a NaN through a weight that is exactly 0 (0·NaN = NaN), so a non-finite key/value that a row does
-    # not see would poison the row; the indicator lets the rows that do see it be marked NaN.
-    ok = tl.abs(x) < float("inf")
-    return tl.where(ok, x, 0.0), tl.where(ok, 0.0, 1.0).to(x.dtype)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Forward. Scores in the log2 domain: the host folds c_i·log2(e) into q̂_i once per row, so t_ij = q̃_i·k̂_j =
 # s_ij·log2(e) comes out of the tensor cores ready, and f_ij = softplus(s_ij)/ln 2 = log2(1 + 2^t). The ℓ1
@@ -260,6 +262,7 @@ def lssa_fwd_kernel(
     # one program: BM query rows of one (batch, head). q [BH, Lq, D] (= c·log2(e)·q̂), k [BH, Lk, D] (= k̂),
     # v [BH, Lk, D], o [BH, Lq, D] float32, tau [Lq] (LSSAR's uniform-row threshold τ_i),
     # stats [3, BH·Lq] = (1/Z, a, b) per row for the backward (n_rows = BH·Lq; a = 0 marks an LSSA row).
+    # Every input is finite here (the host routes non-finite inputs around the kernels: see `attention`).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the last row tiles have the most keys, start them first
     i_bh = tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
     o_i = i_m * BM + tl.arange(0, BM)  # [BM]
@@ -281,38 +284,34 @@ def lssa_fwd_kernel(
     b_Z = tl.zeros([BM], dtype=tl.float32)
     b_T = tl.full([BM], float("-inf"), tl.float32)  # LSSAR: max_j t_ij (softplus is monotone: F = f(max t))
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    b_bad = tl.zeros([BM, D], dtype=tl.float32)  # count of non-finite v_jd the row sees (edge tiles)
     # pass 1 (LSSA: the only pass). Full tiles: no mask.
     for j0 in range(0, n_full, BN):
         o_j = j0 + tl.arange(0, BN)
         b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)  # [BM, BN]
-        b_f, _ = _softplus2(b_t, DEG)
+        b_f = _softplus2(b_t, DEG)
         b_Z += tl.sum(b_f, 1)
         if REWEIGHT:
             b_T = tl.maximum(b_T, tl.max(b_t, 1))
         else:
             b_acc += _dot(b_f, _ld(v + o_j[:, None] * D + o_d[None, :], None, PV_DT), PV_DT)
-    # edge tiles: the causal diagonal and the end of the keys
+    # edge tiles: the causal diagonal and the end of the keys. One select per element: a masked score is −inf,
+    # which gives f = 0 (hence no weight, no term in Z) and no candidate for the row maximum.
     for j0 in range(n_full, hi, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = o_j < Lk
         vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-        # a non-finite k_j gives NaN scores; where the row does not see it, the mask drops them
         b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
-        b_f, _ = _softplus2(b_t, DEG)
-        b_f = tl.where(vis, b_f, 0.0)
+        b_t = tl.where(vis, b_t, float("-inf"))
+        b_f = _softplus2(b_t, DEG)
         b_Z += tl.sum(b_f, 1)
         if REWEIGHT:
-            b_T = tl.maximum(b_T, tl.max(tl.where(vis, b_t, float("-inf")), 1))
+            b_T = tl.maximum(b_T, tl.max(b_t, 1))
         else:
-            b_v, b_vbad = _finite(_ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT))
-            b_acc += _dot(b_f, b_v, PV_DT)
-            b_bad += _dot(tl.where(vis, 1.0, 0.0), b_vbad, PV_DT)
-    # (a non-finite k_j the row sees makes its f NaN through t, so Z_i is NaN and the whole row with it)
+            b_acc += _dot(b_f, _ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT), PV_DT)
     if REWEIGHT:
         # M = N·F/Z − O = den/Z; y = x/M = a·f − b. Rows with M <= τ (uniform up to rounding) keep LSSA weights:
         # a = 0, b = −1 gives y = 1 there, and the uniform row's weights come from 1/Z instead.
-        b_F, b_yT = _softplus2(b_T, DEG)
+        b_F = _softplus2(b_T, DEG)
         b_den = b_N * b_F - b_O * b_Z
         b_tau = tl.load(tau + o_i, mask=m_i, other=0.0)
         ok = b_den > b_tau * b_Z
@@ -324,7 +323,7 @@ def lssa_fwd_kernel(
         for j0 in range(0, n_full, BN):
             o_j = j0 + tl.arange(0, BN)
             b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)
-            b_f, _ = _softplus2(b_t, DEG)
+            b_f = _softplus2(b_t, DEG)
             b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
             b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
             b_U += tl.sum(b_u, 1)
@@ -333,15 +332,13 @@ def lssa_fwd_kernel(
             o_j = j0 + tl.arange(0, BN)
             m_j = o_j < Lk
             vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-            b_v, b_vbad = _finite(_ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT))
             b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
-            b_f, _ = _softplus2(b_t, DEG)
-            b_f = tl.where(vis, b_f, 0.0)
+            # masked: t = −inf, f = 0, y = ReLU(−b) = 0 (b >= 0 on re-weighted rows), so u = 0 either way
+            b_f = _softplus2(tl.where(vis, b_t, float("-inf")), DEG)
             b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-            b_u = tl.where(vis, tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f), 0.0)
+            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
             b_U += tl.sum(b_u, 1)
-            b_acc += _dot(b_u, b_v, PV_DT)
-            b_bad += _dot(tl.where(vis, 1.0, 0.0), b_vbad, PV_DT)
+            b_acc += _dot(b_u, _ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT), PV_DT)
         b_a = tl.where(ok, b_a * tl.math.exp2(-tl.math.log2(b_U) / P), 0.0)  # a' = a·U^(-1/p): y'^p = P
         b_b = tl.where(ok, b_b * tl.math.exp2(-tl.math.log2(b_U) / P), -1.0)
     else:
@@ -350,7 +347,6 @@ def lssa_fwd_kernel(
         b_U = b_Z
 
     b_o = b_acc / tl.where(m_i, b_U, 1.0)[:, None]
-    b_o = tl.where(b_bad > 0, float("nan"), b_o)
     tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_i[:, None])
     p_st = stats + i_bh * Lq + o_i
     tl.store(p_st, 1.0 / b_Z, mask=m_i)
@@ -382,6 +378,7 @@ def lssa_bwd_dq_kernel(
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
 ):
     # q/o/do/dq [BH, Lq, D] (dq: Σ_j dt_ij k̂_j, scaled on the host), k/v [BH, Lk, D]; delta, rterm [BH·Lq]
+    # (delta receives w_i·D_i, the form the dK/dV kernel uses)
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     o_i = i_m * BM + tl.arange(0, BM)
@@ -420,32 +417,32 @@ def lssa_bwd_dq_kernel(
         b_t = _dot(b_q, b_kt, QK_DT)  # [BM, BN]
         b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]  # w·(dP − D)
         if REWEIGHT:
-            b_f, b_y = _softplus2(b_t, DEG)
-            b_sig = _sigmoid2(b_t, b_y)
+            b_f = _softplus2(b_t, DEG)
+            b_sig = _sigmoid2(b_t, b_f)
             b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
             b_H += tl.sum(b_g, 1)
             b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
         else:
-            b_sig = _sigmoid2(b_t, tl.math.exp2(-tl.abs(b_t)))
+            b_sig = _sigmoid2_only(b_t)
         b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
+    # edge tiles: a masked score is −inf, so σ = 0 (no term in either sum) and y = ReLU(−b) = 0 on re-weighted rows
+    # (no term in Σ t; on LSSA rows R = 0 and Σ t is not used): one select per element
     for j0 in range(n_full, hi, BN):
         o_j = j0 + tl.arange(0, BN)
         m_j = o_j < Lk
         vis = _visible(o_i, o_j, Lk, off, CAUSAL)
         b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT)
         b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], m_j[None, :], PV_DT)
-        b_t = _dot(b_q, b_kt, QK_DT)
-        b_kt, _ = _finite(b_kt)  # for the dS products: a key the row does not see must not spread its NaN
-        b_g = tl.where(vis, _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None], 0.0)
+        b_t = tl.where(vis, _dot(b_q, b_kt, QK_DT), float("-inf"))
+        b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]
         if REWEIGHT:
-            b_f, b_y = _softplus2(b_t, DEG)
-            b_f = tl.where(vis, b_f, 0.0)  # an unseen key may have f > F, and y^(p−1) overflow: y = −b <= 0 here
-            b_sig = tl.where(vis, _sigmoid2(b_t, b_y), 0.0)
+            b_f = _softplus2(b_t, DEG)
+            b_sig = _sigmoid2(b_t, b_f)
             b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
             b_H += tl.sum(b_g, 1)
             b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
         else:
-            b_sig = tl.where(vis, _sigmoid2(b_t, tl.math.exp2(-tl.abs(b_t))), 0.0)
+            b_sig = _sigmoid2_only(b_t)
         b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
 
     if REWEIGHT:
@@ -455,7 +452,7 @@ def lssa_bwd_dq_kernel(
         b_R = tl.zeros([BM], dtype=tl.float32)
         b_dq = b_acc1
     tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
-    tl.store(delta + i_bh * Lq + o_i, b_delta, mask=m_i)
+    tl.store(delta + i_bh * Lq + o_i, b_wd, mask=m_i)
     tl.store(rterm + i_bh * Lq + o_i, b_R, mask=m_i)
 
 
@@ -469,6 +466,7 @@ def lssa_bwd_dkdv_kernel(
 ):
     # one program: BN keys of one (batch, head), looping over the query tiles that see them (causal: the first
     # key tiles have the most, and start first). Transposed orientation [BN, BM]: both products are row-major.
+    # delta holds w_i·D_i (written by the dQ kernel).
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
@@ -493,64 +491,63 @@ def lssa_bwd_dkdv_kernel(
         mid = 0
     if (i_n + 1) * BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
         mid = Lq
-    for i0 in range(lo, mid, BM):
+    for i0 in range(lo, mid, BM):  # edge tiles
         o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq
+        m_i = o_i < Lq  # rows past Lq load q = dO = 0 (and other= row values): P·dO = 0 and dt = 0
         p_t = o_i[None, :] * D + o_d[:, None]
         b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
         b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
-        vis = tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)) & m_i[None, :]  # [BN, BM]
         b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
-        b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
-        b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+        b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
         b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
+        # a masked score is −inf, so f = 0, σ = 0 and y = ReLU(−b) = 0: P = 0 and dt = 0, one select per element
+        b_t = tl.where(tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)), b_t, float("-inf"))
         b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
-        b_qt, _ = _finite(b_qt)  # for dk: a query row that does not see key j must not spread its NaN (0·NaN)
-        b_f, b_y = _softplus2(b_t, DEG)
-        b_sig = _sigmoid2(b_t, b_y)
-        b_f = tl.where(vis, b_f, 0.0)  # an unseen key may have f > F, and y^(p−1) overflow: y = −b <= 0 there
+        b_f = _softplus2(b_t, DEG)
+        b_sig = _sigmoid2(b_t, b_f)
         if REWEIGHT:
             b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
             b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
-            b_w = tl.where(b_a > 0, P * b_a, b_iz)
+            b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+            lssar = b_a > 0
+            b_w = tl.where(lssar, P * b_a, b_iz)
             b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y (LSSA rows: y = 1, P = f/Z below)
-            b_p = tl.where(vis, b_g * b_y * tl.where(b_a > 0, 1.0, b_iz * b_f), 0.0)
+            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
+            b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
+            b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
         else:
-            b_w = b_iz
-            b_g = 1.0
-            b_p = tl.where(vis, b_f * b_iz[None, :], 0.0)
-        b_dp = b_dp * b_w[None, :] - (b_w * b_delta)[None, :]  # w·(dP − D)
-        b_ds = tl.where(vis, (b_g * b_dp - b_R[None, :]) * b_sig, 0.0)  # [BN, BM] dt_ij
+            b_p = b_f * b_iz[None, :]
+            b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
         b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
-    for i0 in range(mid, Lq, BM):
+
+    for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
         o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # only the last query tile runs past Lq: its rows load q = dO = 0, hence dt = P·dO = 0
+        m_i = o_i < Lq  # rows past Lq load q = dO = 0 (and other= row values): P·dO = 0 and dt = 0
         p_t = o_i[None, :] * D + o_d[:, None]
-        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)
-        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)
+        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
         b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
-        b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
-        b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
-        b_t = _dot(b_k, b_qt, QK_DT)
-        b_f, b_y = _softplus2(b_t, DEG)
-        b_sig = _sigmoid2(b_t, b_y)
+        b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
+        b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
+        b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
+        b_f = _softplus2(b_t, DEG)
+        b_sig = _sigmoid2(b_t, b_f)
         if REWEIGHT:
             b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
             b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
-            b_w = tl.where(b_a > 0, P * b_a, b_iz)
+            b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+            lssar = b_a > 0
+            b_w = tl.where(lssar, P * b_a, b_iz)
             b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)
-            b_p = b_g * b_y * tl.where(b_a > 0, 1.0, b_iz * b_f)
+            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
+            b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
+            b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
         else:
-            b_w = b_iz
-            b_g = 1.0
             b_p = b_f * b_iz[None, :]
-        b_dp = _dot(b_v, b_dot, PV_DT) * b_w[None, :] - (b_w * b_delta)[None, :]
-        b_ds = (b_g * b_dp - b_R[None, :]) * b_sig
-        b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)
-        b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)
+            b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
+        b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
+        b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
@@ -619,8 +616,8 @@ def _dot_types(dtype: torch.dtype) -> tuple[int, int, int]:
 
 
 def _degree(dtype: torch.dtype) -> int:
-    """Degree of the softplus polynomial: 8 for float32 inputs, 5 for half precision (see SOFTPLUS_POLY)."""
-    return 8 if dtype == torch.float32 else 5
+    """Degree of the softplus polynomial: 8 for float32 inputs, 4 for half precision (see SOFTPLUS_POLY)."""
+    return 8 if dtype == torch.float32 else 4
 
 
 def _row_constants(Lq: int, Lk: int, D: int, causal: bool, device):
@@ -690,8 +687,29 @@ class LSSAFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         qs, ks, v, o, stats, c2 = ctx.saved_tensors
+        reweight, causal, p, offset_rows = ctx.args
+        bad_do = None
+        if not bool(torch.isfinite(do).all()):  # see _nan_in_grad_output: the kernels see only finite numbers
+            bad_do = ~torch.isfinite(do)
+            do = do.masked_fill(bad_do, 0)
         dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args)
-        return dq * c2[:, None], dk, dv, None, None, None, None
+        dq = dq * c2[:, None]
+        if bad_do is not None:
+            dq, dk, dv = _nan_in_grad_output(bad_do, dq, dk, dv, causal)
+        return dq, dk, dv, None, None, None, None
+
+
+def _nan_in_grad_output(bad_do, dq, dk, dv, causal):
+    """A non-finite cotangent dO_id (the kernels ran with 0 in its place) makes NaN exactly the gradients that
+    depend on it: dq of row i, dk of every key row i sees, dv_jd of every such key (column d only). Off the
+    fast path, so the [Lq, Lk] visibility matrix of the reference is fine here."""
+    vis = reference.visible_mask(dq.shape[-2], dk.shape[-2], causal, device=dq.device)
+    rows = bad_do.any(dim=-1)  # [B, H, Lq]
+    nan = float("nan")
+    dq = dq.masked_fill(rows[..., None], nan)
+    dk = dk.masked_fill(reference._reach(rows, vis).expand(*dk.shape[:-1])[..., None], nan)
+    dv = dv.masked_fill(reference._reach(bad_do, vis).expand(*dv.shape), nan)
+    return dq, dk, dv
 
 
 def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: int = 3) -> torch.Tensor:
@@ -711,9 +729,16 @@ def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: 
     why = unsupported_reason(q, k, v, explicit=True)
     if why is not None:
         raise ValueError(f"the fused kernels cannot run this call: {why}")
-    qh = reference.unit(q.float())
-    kh = reference.unit(k.float())
-    return LSSAFunction.apply(qh, kh, v, method == "lssar", bool(causal), float(p), int(offset_rows))
+    args = (method == "lssar", bool(causal), float(p), int(offset_rows))
+    if reference._all_finite(q, k, v):
+        return LSSAFunction.apply(reference.unit(q.float()), reference.unit(k.float()), v, *args)
+    # NaN / ±Inf in an input: the kernels run on the finite part (non-finite elements replaced by 0) and the
+    # reference's policy wrapper marks NaN exactly the outputs, and in backward the gradients, that depend on a
+    # non-finite element (decisions page, "NaN and Inf"). The kernels' loops thus never handle non-finite
+    # numbers; the all-finite check costs one reduction over q, k, v per call (and over dO in backward).
+    fq, fk, fv = (reference._finite(t) for t in (q, k, v))
+    o = LSSAFunction.apply(reference.unit(fq.float()), reference.unit(fk.float()), fv, *args)
+    return reference._NanPolicy.apply(o, q, k, v, reference._bad_outputs(q, k, v, causal), causal, method)
 
 
 def unsupported_reason(q, k, v, explicit: bool) -> str | None:
