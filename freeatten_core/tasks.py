@@ -17,7 +17,7 @@ The tasks (:data:`TASKS`, the one place to add one; see the book's "Contributing
   the window), ``loss_last`` (mean over its last L tokens, the ones beyond the training length) and
   ``loss_by_position``. Needs the corpus (``data=``) and ``length`` a multiple of the training length L.
 * ``passkey``: a five-digit pass key hidden at a random depth of a filler text; the model must repeat it at
-  the end (Mohtashami & Jaggi 2023). Accuracy by depth as well.
+  the end (after Mohtashami & Jaggi 2023, with a shorter prompt). Accuracy by depth as well.
 * ``recall``: multi-query associative recall: ``key:value`` pairs fill the context, then keys are queried in
   random order and the model must give each value (Arora et al. 2023, "Zoology").
 * ``induction``: a random letter sequence of ``length/2`` tokens, then the same sequence again; the loss and
@@ -170,8 +170,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 
 class PasskeyTask(Task):
-    """Filler, ``The pass key is NNNNN. Remember it. NNNNN is the pass key.`` at a random depth, more filler,
-    then ``What is the pass key? The pass key is`` and the key (scored)."""
+    """Filler text, ``The pass key is NNNNN.`` at a random depth, more filler, then ``The pass key is`` and the
+    key (scored; short enough for byte-level models trained at L = 64: 46 tokens of fixed text)."""
     name = "passkey"
     digits = 5
 
@@ -180,12 +180,12 @@ class PasskeyTask(Task):
         n = _check_count("n (examples)", n)
         rng = np.random.default_rng([seed, length, 1])
         filler = _encode(tokenizer, FILLER)
-        question = _encode(tokenizer, " What is the pass key? The pass key is")
+        question = _encode(tokenizer, " The pass key is")
         rows, spans, depths = [], [], []
         for _ in range(n):
             key = "".join(str(d) for d in rng.integers(0, 10, self.digits))
             key_ids = _encode(tokenizer, " " + key)
-            needle = _encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. ")
+            needle = _encode(tokenizer, f" The pass key is {key}. ")
             room = length + 1 - len(needle) - len(question) - len(key_ids)
             if room < 1:
                 raise ValueError(f"task 'passkey' needs at least {length + 2 - room} tokens, got length {length}")
@@ -213,7 +213,7 @@ class PasskeyTask(Task):
 
 class RecallTask(Task):
     """``key:value`` pairs (two-letter keys, one-digit values) separated by spaces fill the context; after a
-    ``|`` the last ``queries`` pairs repeat earlier keys (chosen at random, each once) with their value: each
+    ``|`` up to ``queries`` pairs (a third of the room at short lengths) repeat earlier keys (chosen at random, each once) with their value: each
     value is one scored answer. Chance is 1/10 for a model that has learned the format. Spaces in front pad
     every example to exactly ``length`` tokens."""
     name = "recall"
@@ -228,7 +228,10 @@ class RecallTask(Task):
         val_ids = [_encode(tokenizer, str(d)) for d in range(10)]
         sep, space = _encode(tokenizer, " |"), _encode(tokenizer, " ")
         longest = max(map(len, key_ids.values())) + max(map(len, val_ids))
-        budget = length + 1 - len(sep) - self.queries * longest
+        queries = min(self.queries, (length + 1 - len(sep)) // longest // 3)  # at least 2 pairs per query
+        if queries < 1:
+            raise ValueError(f"task 'recall' needs more than {length} tokens (at least {3 * longest + len(sep)})")
+        budget = length + 1 - len(sep) - queries * longest
         rows, spans = [], []
         for _ in range(n):
             keys = list(key_ids)
@@ -241,12 +244,9 @@ class RecallTask(Task):
                     break
                 row += piece
                 pairs.append((key, value))
-            if len(pairs) < self.queries:
-                raise ValueError(f"task 'recall' needs more than {length} tokens for {self.queries} queries "
-                                 f"(about {self.queries * 2 * longest + len(sep)})")
             row += sep
             answers = []
-            for q, idx in enumerate(rng.choice(len(pairs), self.queries, replace=False)):
+            for q, idx in enumerate(rng.choice(len(pairs), queries, replace=False)):
                 key, value = pairs[idx]
                 row += key_ids[key]
                 answers += [(len(row) + j, q) for j in range(len(val_ids[value]))]  # token index, answer
@@ -257,7 +257,7 @@ class RecallTask(Task):
             for t, q in answers:
                 span[pad + t - 1] = q  # target position t - 1 predicts token t
             rows.append(row), spans.append(span)
-        return Examples(self.name, torch.tensor(rows), torch.tensor(spans), {}, block_size)
+        return Examples(self.name, torch.tensor(rows), torch.tensor(spans), {"queries": queries}, block_size)
 
 
 class InductionTask(Task):
