@@ -147,6 +147,20 @@ SOFTPLUS_POLY = {
 
 
 @triton.jit
+def _operand(x, DT: tl.constexpr):
+    # float32 x rounded as the dot operand type DT rounds it (kept in that type; the emulation stays float32)
+    if DT == 1:
+        r = x.to(tl.float16)
+    elif DT == 2:
+        r = x.to(tl.bfloat16)
+    elif DT == 3:
+        r = _round_bf16(x)
+    else:
+        r = x
+    return r
+
+
+@triton.jit
 def _ld(ptr, mask, DT: tl.constexpr):
     # a tile in the dot's operand type: half-precision operands stay as stored (the host stores them in the dot
     # type), float32 (and the interpreter's bfloat16 emulation) load as float32
@@ -371,14 +385,16 @@ def lssa_fwd_kernel(
 
 @triton.jit
 def lssa_bwd_dq_kernel(
-    q, k, v, o, do, stats, dq, delta, rterm,
+    q, k, v, o, do, dos, stats, dq, delta, rterm,
     Lq, Lk, off, offset_rows, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
-    QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
+    QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     # q/o/do/dq [BH, Lq, D] (dq: Σ_j dt_ij k̂_j, scaled on the host), k/v [BH, Lk, D]; delta, rterm [BH·Lq]
-    # (delta receives w_i·D_i, the form the dK/dV kernel uses)
+    # (delta receives w_i·D_i, the form the dK/dV kernel uses). PRESCALE (LSSA with bfloat16 or float32 dot
+    # operands): also write dos = dO_i/Z_i rounded as the dK/dV kernel's operand, and w·D from those rounded values
+    # (so that its dP − D stays an exact difference for a cotangent perturbed by one rounding, 2^-9 relative).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     o_i = i_m * BM + tl.arange(0, BM)
@@ -387,7 +403,8 @@ def lssa_bwd_dq_kernel(
     p_q = i_bh * Lq * D + o_i[:, None] * D + o_d[None, :]
     b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
     b_do = _ld(do + p_q, m_i[:, None], PV_DT)  # [BM, D]
-    b_delta = tl.sum(b_do.to(tl.float32) * tl.load(o + p_q, mask=m_i[:, None], other=0.0), 1)  # D_i = dO_i·o_i
+    b_o = tl.load(o + p_q, mask=m_i[:, None], other=0.0)  # [BM, D] float32
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o, 1)  # D_i = dO_i·o_i
     p_st = stats + i_bh * Lq + o_i
     b_iz = tl.load(p_st, mask=m_i, other=1.0)
     k += i_bh * Lk * D
@@ -406,6 +423,11 @@ def lssa_bwd_dq_kernel(
     else:
         b_w = b_iz
     b_wd = b_w * b_delta
+    b_wd_kv = b_wd  # the w·D of the dK/dV kernel
+    if PRESCALE:
+        b_dos = _operand(b_do.to(tl.float32) * b_iz[:, None], PV_DT)  # [BM, D] dO/Z
+        tl.store(dos + p_q, b_dos.to(dos.dtype.element_ty), mask=m_i[:, None])
+        b_wd_kv = tl.sum(b_dos.to(tl.float32) * b_o, 1)
 
     b_acc1 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j t σ k̂
     b_acc2 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j σ k̂   (LSSAR only)
@@ -452,21 +474,24 @@ def lssa_bwd_dq_kernel(
         b_R = tl.zeros([BM], dtype=tl.float32)
         b_dq = b_acc1
     tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
-    tl.store(delta + i_bh * Lq + o_i, b_wd, mask=m_i)
+    tl.store(delta + i_bh * Lq + o_i, b_wd_kv, mask=m_i)
     tl.store(rterm + i_bh * Lq + o_i, b_R, mask=m_i)
 
 
 @triton.jit
 def lssa_bwd_dkdv_kernel(
-    q, k, v, do, stats, delta, rterm, dk, dv,
+    q, qd, k, v, do, stats, delta, rterm, dk, dv,
     Lq, Lk, off, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
-    QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
+    QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     # one program: BN keys of one (batch, head), looping over the query tiles that see them (causal: the first
     # key tiles have the most, and start first). Transposed orientation [BN, BM]: both products are row-major.
-    # delta holds w_i·D_i (written by the dQ kernel).
+    # delta holds w_i·D_i (written by the dQ kernel). qd: q (= c·log2(e)·q̂) once more, stored in the dS product's
+    # operand type (bfloat16 for half-precision inputs, where q itself is float16 for the scores): the loop then
+    # loads the tile instead of converting it element by element. PRESCALE (LSSA): do holds dO_i/Z_i (from the dQ
+    # kernel), so P = f/Z needs no product: dv = Σ f·(dO/Z), dt = (dO/Z·v − w·D)·σ.
     i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
@@ -475,6 +500,7 @@ def lssa_bwd_dkdv_kernel(
     b_k = _ld(k + p_k, m_j[:, None], QK_DT)  # [BN, D]
     b_v = _ld(v + p_k, m_j[:, None], PV_DT)  # [BN, D]
     q += i_bh * Lq * D
+    qd += i_bh * Lq * D
     do += i_bh * Lq * D
     p_st = stats + i_bh * Lq
     delta += i_bh * Lq
@@ -493,11 +519,11 @@ def lssa_bwd_dkdv_kernel(
         mid = Lq
     for i0 in range(lo, mid, BM):  # edge tiles
         o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # rows past Lq load q = dO = 0 (and other= row values): P·dO = 0 and dt = 0
+        m_i = o_i < Lq  # rows past Lq load 0 everywhere (a plain zero-filled copy, no select): P = 0, dt = 0
         p_t = o_i[None, :] * D + o_d[:, None]
         b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+        b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
         b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
-        b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
         b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
         b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
         # a masked score is −inf, so f = 0, σ = 0 and y = ReLU(−b) = 0: P = 0 and dt = 0, one select per element
@@ -506,8 +532,9 @@ def lssa_bwd_dkdv_kernel(
         b_f = _softplus2(b_t, DEG)
         b_sig = _sigmoid2(b_t, b_f)
         if REWEIGHT:
+            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
             b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
-            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
+            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=0.0)
             b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
             lssar = b_a > 0
             b_w = tl.where(lssar, P * b_a, b_iz)
@@ -515,27 +542,32 @@ def lssa_bwd_dkdv_kernel(
             b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
             b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
             b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
+        elif PRESCALE:
+            b_p = b_f
+            b_ds = (b_dp - b_wd[None, :]) * b_sig
         else:
+            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
             b_p = b_f * b_iz[None, :]
             b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
-        b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
+        b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
 
     for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
         o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # rows past Lq load q = dO = 0 (and other= row values): P·dO = 0 and dt = 0
+        m_i = o_i < Lq  # rows past Lq load 0 everywhere (a plain zero-filled copy, no select): P = 0, dt = 0
         p_t = o_i[None, :] * D + o_d[:, None]
         b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+        b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
         b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
-        b_iz = tl.load(p_st + o_i, mask=m_i, other=1.0)
         b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
         b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
         b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
         b_f = _softplus2(b_t, DEG)
         b_sig = _sigmoid2(b_t, b_f)
         if REWEIGHT:
+            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
             b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
-            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=-1.0)
+            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=0.0)
             b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
             lssar = b_a > 0
             b_w = tl.where(lssar, P * b_a, b_iz)
@@ -543,11 +575,15 @@ def lssa_bwd_dkdv_kernel(
             b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
             b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
             b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
+        elif PRESCALE:
+            b_p = b_f
+            b_ds = (b_dp - b_wd[None, :]) * b_sig
         else:
+            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
             b_p = b_f * b_iz[None, :]
             b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
         b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
-        b_dk += _dot(b_ds, tl.trans(b_qt), DS_DT)  # [BN, D]
+        b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
@@ -615,6 +651,12 @@ def _dot_types(dtype: torch.dtype) -> tuple[int, int, int]:
     return _DT_F16, (bf16 if dtype == torch.bfloat16 else _DT_F16), bf16
 
 
+def _prescale(reweight: bool, pv_dt: int) -> bool:
+    """Whether the dK/dV kernel takes dO/Z instead of dO (LSSA only): with bfloat16 (or float32) operands, whose
+    range holds dO/Z for any Z; float16's would underflow for long rows (Z ~ N), so float16 inputs keep dO."""
+    return not reweight and pv_dt != _DT_F16
+
+
 def _degree(dtype: torch.dtype) -> int:
     """Degree of the softplus polynomial: 8 for float32 inputs, 4 for half precision (see SOFTPLUS_POLY)."""
     return 8 if dtype == torch.float32 else 4
@@ -659,12 +701,18 @@ def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, of
     rterm = _new((B * H, Lq), torch.float32, dev)
     qk_dt, pv_dt, ds_dt = _dot_types(v.dtype)
     pm1 = _int_p(p) - 1 if _int_p(p) >= 1 else -1
+    prescale = _prescale(reweight, pv_dt)
     common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=pm1, DEG=_degree(v.dtype), QK_DT=qk_dt,
-                  PV_DT=pv_dt, DS_DT=ds_dt)
+                  PV_DT=pv_dt, DS_DT=ds_dt, PRESCALE=prescale)
+    # LSSA: dO/Z, written by the dQ kernel for the dK/dV kernel (bfloat16 operands: stored so; else float32)
+    dos = _new((B, H, Lq, D), torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32, dev) if prescale else do
     _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
-            (qs, ks, v, o, do, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq), common)
+            (qs, ks, v, o, do, dos, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
+            common)
+    # q once more in the dS product's operand type (see lssa_bwd_dkdv_kernel); the same tensor where they agree
+    qd = qs.to(torch.bfloat16) if ds_dt == _DT_BF16 and qs.dtype != torch.bfloat16 else qs
     _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
-            (qs, ks, v, do, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
+            (qs, qd, ks, v, dos, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
     return dq, dk, dv
 
 
@@ -797,16 +845,19 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
     for rw in (False, True):
         m = "lssar" if rw else "lssa"
         base = dict(D=D, CAUSAL=causal, REWEIGHT=rw, DEG=_degree(tdt), QK_DT=qk_dt, PV_DT=pv_dt)
+        pre = _prescale(rw, pv_dt)
+        dos = ("bf16" if pv_dt == _DT_BF16 else "fp32") if pre else dt
         case(f"{m}_fwd", "lssa_fwd_kernel", "fwd",
              dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", stats="*fp32", tau="*fp32", **dims,
                   offset_rows=i32, P=f32, n_rows=i32),
              dict(base, P_INT=15), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
         case(f"{m}_dq", "lssa_bwd_dq_kernel", "dq",
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", do="*" + dt, stats="*fp32", dq="*fp32",
-                  delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32, n_rows=i32),
-             dict(base, PM1_INT=14, DS_DT=ds_dt), ["full", "edge"])
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos, stats="*fp32",
+                  dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32, n_rows=i32),
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["full", "edge"])
         case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", "dkdv",
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, do="*" + dt, stats="*fp32", delta="*fp32", rterm="*fp32",
+             dict(q="*" + qk, qd="*" + ("fp32" if dt == "fp32" else "bf16"), k="*" + qk, v="*" + dt, do="*" + dt,
+                  stats="*fp32", delta="*fp32", rterm="*fp32",
                   dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
-             dict(base, PM1_INT=14, DS_DT=ds_dt), ["edge", "full"])
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
     return out + yardstick_kernels.report_cases(D, dtype, causal, TILES)

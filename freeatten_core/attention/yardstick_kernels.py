@@ -186,11 +186,12 @@ def softmax_bwd_dkdv_kernel(
         b_dk += tl.dot(b_dst.to(q.dtype.element_ty), tl.trans(b_qt))
     for i0 in range(mid, Lq, BM):
         o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # only the last query tile is partial; its rows past Lq load zeros and lse = +inf
+        m_i = o_i < Lq  # only the last query tile is partial; its rows past Lq load q = dO = 0, lse = δ = 0: P = 1
+        # there, but P·dO = 0 and P·(dP − δ) = 0 (zero-filled loads need no select; lse = +inf needed one)
         p_t = o_i[None, :] * D + o_d[:, None]
         b_qt = tl.load(q + p_t, mask=m_i[None, :], other=0.0)
         b_dot = tl.load(do + p_t, mask=m_i[None, :], other=0.0)
-        b_lse = tl.load(lse + o_i, mask=m_i, other=float("inf"))
+        b_lse = tl.load(lse + o_i, mask=m_i, other=0.0)
         b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
         b_pt = tl.math.exp2(tl.dot(b_k, b_qt) - b_lse[None, :])
         b_dv += tl.dot(b_pt.to(do.dtype.element_ty), tl.trans(b_dot))
