@@ -385,14 +385,15 @@ def lssa_fwd_kernel(
 
 @triton.jit
 def lssa_bwd_dq_kernel(
-    q, k, v, o, do, dos, stats, dq, delta, rterm,
+    q, k, kd, v, o, do, dos, stats, dq, delta, rterm,
     Lq, Lk, off, offset_rows, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
 ):
     # q/o/do/dq [BH, Lq, D] (dq: Σ_j dt_ij k̂_j, scaled on the host), k/v [BH, Lk, D]; delta, rterm [BH·Lq]
-    # (delta receives w_i·D_i, the form the dK/dV kernel uses). PRESCALE (LSSA with bfloat16 or float32 dot
+    # (delta receives w_i·D_i, the form the dK/dV kernel uses). kd: k̂ once more in the dS products' operand type
+    # (see qd in the dK/dV kernel). PRESCALE (LSSA with bfloat16 or float32 dot
     # operands): also write dos = dO_i/Z_i rounded as the dK/dV kernel's operand, and w·D from those rounded values
     # (so that its dP − D stays an exact difference for a cotangent perturbed by one rounding, 2^-9 relative).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -408,6 +409,7 @@ def lssa_bwd_dq_kernel(
     p_st = stats + i_bh * Lq + o_i
     b_iz = tl.load(p_st, mask=m_i, other=1.0)
     k += i_bh * Lk * D
+    kd += i_bh * Lk * D
     v += i_bh * Lk * D
     n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
     if CAUSAL:
@@ -435,6 +437,7 @@ def lssa_bwd_dq_kernel(
     for j0 in range(0, n_full, BN):
         o_j = j0 + tl.arange(0, BN)
         b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT)  # [D, BN]
+        b_kdt = _ld(kd + o_j[None, :] * D + o_d[:, None], None, DS_DT)  # [D, BN]
         b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], None, PV_DT)  # [D, BN]
         b_t = _dot(b_q, b_kt, QK_DT)  # [BM, BN]
         b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]  # w·(dP − D)
@@ -443,10 +446,10 @@ def lssa_bwd_dq_kernel(
             b_sig = _sigmoid2(b_t, b_f)
             b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
             b_H += tl.sum(b_g, 1)
-            b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
+            b_acc2 += _dot(b_sig, tl.trans(b_kdt), DS_DT)
         else:
             b_sig = _sigmoid2_only(b_t)
-        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
+        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kdt), DS_DT)
     # edge tiles: a masked score is −inf, so σ = 0 (no term in either sum) and y = ReLU(−b) = 0 on re-weighted rows
     # (no term in Σ t; on LSSA rows R = 0 and Σ t is not used): one select per element
     for j0 in range(n_full, hi, BN):
@@ -454,6 +457,7 @@ def lssa_bwd_dq_kernel(
         m_j = o_j < Lk
         vis = _visible(o_i, o_j, Lk, off, CAUSAL)
         b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT)
+        b_kdt = _ld(kd + o_j[None, :] * D + o_d[:, None], m_j[None, :], DS_DT)
         b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], m_j[None, :], PV_DT)
         b_t = tl.where(vis, _dot(b_q, b_kt, QK_DT), float("-inf"))
         b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]
@@ -462,10 +466,10 @@ def lssa_bwd_dq_kernel(
             b_sig = _sigmoid2(b_t, b_f)
             b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
             b_H += tl.sum(b_g, 1)
-            b_acc2 += _dot(b_sig, tl.trans(b_kt), DS_DT)
+            b_acc2 += _dot(b_sig, tl.trans(b_kdt), DS_DT)
         else:
             b_sig = _sigmoid2_only(b_t)
-        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kt), DS_DT)
+        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kdt), DS_DT)
 
     if REWEIGHT:
         b_R = tl.where(b_a > 0, b_H * tl.where(b_N > offset_rows, 1.0, 0.0) / b_N, 0.0)  # [BM]
@@ -706,11 +710,13 @@ def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, of
                   PV_DT=pv_dt, DS_DT=ds_dt, PRESCALE=prescale)
     # LSSA: dO/Z, written by the dQ kernel for the dK/dV kernel (bfloat16 operands: stored so; else float32)
     dos = _new((B, H, Lq, D), torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32, dev) if prescale else do
+    # q̂ and k̂ once more in the dS products' operand type (see the kernels); the same tensor where they agree
+    half = ds_dt == _DT_BF16 and qs.dtype != torch.bfloat16
+    kd = ks.to(torch.bfloat16) if half else ks
+    qd = qs.to(torch.bfloat16) if half else qs
     _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
-            (qs, ks, v, o, do, dos, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
+            (qs, ks, kd, v, o, do, dos, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
             common)
-    # q once more in the dS product's operand type (see lssa_bwd_dkdv_kernel); the same tensor where they agree
-    qd = qs.to(torch.bfloat16) if ds_dt == _DT_BF16 and qs.dtype != torch.bfloat16 else qs
     _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
             (qs, qd, ks, v, dos, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
     return dq, dk, dv
@@ -846,17 +852,18 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
         m = "lssar" if rw else "lssa"
         base = dict(D=D, CAUSAL=causal, REWEIGHT=rw, DEG=_degree(tdt), QK_DT=qk_dt, PV_DT=pv_dt)
         pre = _prescale(rw, pv_dt)
+        dsd = "fp32" if dt == "fp32" else "bf16"
         dos = ("bf16" if pv_dt == _DT_BF16 else "fp32") if pre else dt
         case(f"{m}_fwd", "lssa_fwd_kernel", "fwd",
              dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", stats="*fp32", tau="*fp32", **dims,
                   offset_rows=i32, P=f32, n_rows=i32),
              dict(base, P_INT=15), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
         case(f"{m}_dq", "lssa_bwd_dq_kernel", "dq",
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos, stats="*fp32",
+             dict(q="*" + qk, k="*" + qk, kd="*" + dsd, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos, stats="*fp32",
                   dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32, n_rows=i32),
              dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["full", "edge"])
         case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", "dkdv",
-             dict(q="*" + qk, qd="*" + ("fp32" if dt == "fp32" else "bf16"), k="*" + qk, v="*" + dt, do="*" + dt,
+             dict(q="*" + qk, qd="*" + dsd, k="*" + qk, v="*" + dt, do="*" + dt,
                   stats="*fp32", delta="*fp32", rterm="*fp32",
                   dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
              dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
