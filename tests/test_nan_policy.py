@@ -24,14 +24,6 @@ SHAPES = ((6, 6, True), (3, 7, True), (4, 5, False))
 D = 16  # the smallest head dim the fused kernels take
 
 
-def _triton_xfail():
-    """Mark for the fused-kernel cases, applied only while the kernels do not follow the policy yet."""
-    return [pytest.mark.xfail(strict=False, reason="the fused kernels' forward follows the policy, their backward "
-                                                   "not yet: a loss using only good outputs still gets NaN in dq "
-                                                   "(e.g. of a NaN query row whose cotangent is 0); the kernel work "
-                                                   "that adopts it removes this mark")]
-
-
 def visible(Lq, Lk, causal):
     i = np.arange(Lq)[:, None] + (Lk - Lq)
     j = np.arange(Lk)[None, :]
@@ -84,8 +76,7 @@ def cases():
             for si, shape in enumerate(SHAPES):
                 n_seeds = 2 if backend == "reference" else 3
                 for seed in range(n_seeds):
-                    marks = _triton_xfail() if backend == "triton" else []
-                    out.append(pytest.param(backend, method, shape, 100 * si + seed, marks=marks,
+                    out.append(pytest.param(backend, method, shape, 100 * si + seed,
                                             id=f"{backend}-{method}-{shape[0]}x{shape[1]}{'c' if shape[2] else ''}"
                                                f"-{seed}"))
     return out
