@@ -108,3 +108,44 @@ def entropy_vs_length(methods: dict, lengths, d: int = 64, n_queries: int = 32, 
             rec["entropy_over_lnN"] = rec["entropy"] / math.log(n) if n > 1 else float("nan")
             records.append(rec)
     return records
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inside a trained model: attention maps and attention sinks
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def attention_maps(model, idx: torch.Tensor) -> list[torch.Tensor]:
+    """The attention weights of every layer, ``[B, H, T, T]`` each, for token ids ``idx`` ``[B, T]``, as the
+    model computes them with its current method (recomputed from each layer's input through
+    :func:`freeatten_core.attention_weights`, so they are the reference's weights)."""
+    inputs = []
+    hooks = [b.attn.register_forward_hook(lambda mod, args, out: inputs.append((mod, args[0])))
+             for b in model.transformer.h]
+    try:
+        model.eval()
+        model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = []
+    for attn, x in inputs:
+        B, T, C = x.shape
+        q, k, _ = attn.c_attn(x).split(C, dim=2)
+        q, k = (t.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2) for t in (q, k))
+        q, k = attn.rotary(q), attn.rotary(k)
+        options = dict(attn.options)
+        if attn.method == "ssmax" and attn.ssmax_s is not None and "s" not in options:
+            options["s"] = attn.ssmax_s.to(q.dtype)
+        maps.append(attention_weights(q, k, attn.method, causal=True, **options).float())
+    return maps
+
+
+def sink_share(maps: list[torch.Tensor], first: int = 1) -> torch.Tensor:
+    """Share of each query's attention on the ``first`` tokens, ``[layers, heads, T]`` (mean over the batch).
+
+    An attention sink (Xiao et al. 2023) is a head that parks most of its weight on the first token(s) whatever
+    the query; at position i a uniform row would give ``first / (i + 1)``."""
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"first must be an integer >= 1, got {first!r}")
+    return torch.stack([m[..., :first].sum(-1).mean(0) for m in maps])
