@@ -139,3 +139,38 @@ def test_cli_tasks(run, tmp_path, capsys):
     assert list(res["tasks"]) == ["recall"] and res["tasks"]["recall"]["4"]["answers"] == 4
     assert E.main(["--checkpoint", str(run), "--task", "bogus"]) == 2
     assert "unknown task 'bogus'" in capsys.readouterr().err
+
+
+def test_run_tasks_over_seeds_and_the_claims_are_not_judged_at_chance(tmp_path):
+    from freeatten_core import experiments as X
+
+    res = X.run_tasks("ci", variants=["softmax", "lssar"], seeds=[0, 1], tasks=["induction", "passkey"],
+                      out_dir=tmp_path / "runs", results_path=tmp_path / "r.json",
+                      overrides=dict(model=TINY, max_steps=2, warmup_steps=1, batch_size=2),
+                      evaluation=dict(factors=(4,), windows=2))
+    assert [(r["variant"], r["seed"]) for r in res["runs"]] == [("softmax", 0), ("softmax", 1), ("lssar", 0),
+                                                                ("lssar", 1)]
+    assert json.loads((tmp_path / "r.json").read_text())["provenance"]["command"].startswith("freeatten_core.experiments")
+    f, mean, std, values = X.task_curve(res, "induction", "lssar", "loss")
+    assert f == [4] and values.shape == (2, 1) and np.isfinite(std).all()
+    claims = {c["id"]: c for c in X.task_claims(res)}
+    assert claims["lssar_passkey_beyond_L"]["reproduced"] is None  # untrained models: at chance, not testable
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        X.run_tasks("ci", seeds=[0, 0], out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown task"):
+        X.run_tasks("ci", tasks=["passkee"], out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="overrides cannot set seed"):
+        X.run_tasks("ci", overrides={"seed": 3}, out_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--tasks", "passkee"], "unknown task 'passkee'"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    (["--factors", "0"], "each length factor must be an integer >= 1"),
+    (["--variants", "lssr"], "unknown variant"),
+])
+def test_experiments_tasks_cli_checks_before_work(args, msg, tmp_path, capsys):
+    from freeatten_core import experiments as X
+
+    assert X.main(["tasks", *args, "--out", str(tmp_path / "r.json")]) == 2
+    assert msg in capsys.readouterr().err
