@@ -33,8 +33,12 @@ Design choices:
   just before ``tl.dot`` only on a GPU with half-precision inputs: q̂·k̂ in float16, products with V / dO in
   the input dtype, products with dS in bfloat16 (its range is unbounded). float32 inputs use exact ("ieee")
   float32 dots. The interpreter always computes in float32.
-* Only tiles that cross the causal diagonal or the end of a sequence are masked (a uniform runtime branch);
-  tile sizes are autotuned on the GPU among candidates checked offline for register spills (``_launch``).
+* Only tiles that cross the causal diagonal or the end of a sequence are masked (a loop of their own), with one
+  select per element: a masked score becomes −inf, and f = 0, σ = 0 and the re-weighted y = 0 follow from it.
+  Tile sizes are autotuned on the GPU among candidates checked offline for register spills (``_launch``).
+* The kernels see only finite numbers: :func:`attention` routes calls with NaN/±Inf in q, k, v (one
+  ``isfinite`` reduction per call decides) through the reference's NaN-policy wrapper, and the backward does the
+  same for a non-finite dO. No inner loop spends an instruction on non-finite values.
 """
 
 from __future__ import annotations
@@ -377,7 +381,7 @@ def lssa_fwd_kernel(
 #   dq̃-direction: dq̂_i = c_i log2(e) Σ_j dt_ij k̂_j,  dk̂_j = Σ_i dt_ij q̃_i,  dv_j = Σ_i P_ij dO_i.
 # (the derivative of f = log2(1 + 2^t) by t is σ(s), so the log2 domain changes nothing else.)
 # R_i needs the whole row first, so the dQ kernel accumulates Σ t σ k̂, Σ σ k̂ and Σ t side by side and combines
-# them at the end: dq̂_i ∝ Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j. It writes D_i and R_i for the dK/dV kernel.
+# them at the end: dq̂_i ∝ Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j. It writes w_i·D_i and R_i for the dK/dV kernel.
 # Per row the kernels use w_i = p·a'_i (LSSAR rows) or 1/Z_i (LSSA rows): t = g·w·(dP − D), g = y^(p−1) (= 1 on
 # LSSA rows).
 # --------------------------------------------------------------------------------------------------------
@@ -692,7 +696,7 @@ def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows
 
 
 def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int):
-    """Backward launches: the dQ kernel (also writes D_i and R_i), then the dK/dV kernel.
+    """Backward launches: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel.
     Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype)."""
     B, H, Lq, D = qs.shape
     Lk = ks.shape[2]
