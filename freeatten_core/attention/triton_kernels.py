@@ -381,7 +381,8 @@ def lssa_fwd_kernel(
 #   dq̃-direction: dq̂_i = c_i log2(e) Σ_j dt_ij k̂_j,  dk̂_j = Σ_i dt_ij q̃_i,  dv_j = Σ_i P_ij dO_i.
 # (the derivative of f = log2(1 + 2^t) by t is σ(s), so the log2 domain changes nothing else.)
 # R_i needs the whole row first, so the dQ kernel accumulates Σ t σ k̂, Σ σ k̂ and Σ t side by side and combines
-# them at the end: dq̂_i ∝ Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j. It writes w_i·D_i and R_i for the dK/dV kernel.
+# them at the end: dq̂_i ∝ Σ_j t_ij σ_ij k̂_j − R_i Σ_j σ_ij k̂_j. It writes w_i·D_i and R_i for the dK/dV
+# kernel.
 # Per row the kernels use w_i = p·a'_i (LSSAR rows) or 1/Z_i (LSSA rows): t = g·w·(dP − D), g = y^(p−1) (= 1 on
 # LSSA rows).
 # --------------------------------------------------------------------------------------------------------
@@ -863,8 +864,9 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
                   offset_rows=i32, P=f32, n_rows=i32),
              dict(base, P_INT=15), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
         case(f"{m}_dq", "lssa_bwd_dq_kernel", "dq",
-             dict(q="*" + qk, k="*" + qk, kd="*" + dsd, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos, stats="*fp32",
-                  dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32, n_rows=i32),
+             dict(q="*" + qk, k="*" + qk, kd="*" + dsd, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos,
+                  stats="*fp32", dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32,
+                  n_rows=i32),
              dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["full", "edge"])
         case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", "dkdv",
              dict(q="*" + qk, qd="*" + dsd, k="*" + qk, v="*" + dt, do="*" + dt,
