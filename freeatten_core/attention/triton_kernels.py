@@ -262,6 +262,87 @@ def _visible(o_i, o_j, Lk, off, CAUSAL: tl.constexpr):
     return vis
 
 
+@triton.jit
+def _keys_t(ptr, o_j, Lk, D: tl.constexpr, DT: tl.constexpr, MASKED: tl.constexpr):
+    # [D, BN] tile of keys o_j (transposed); only an edge tile (MASKED) can run past Lk and needs the mask
+    o_d = tl.arange(0, D)
+    if MASKED:
+        m = (o_j < Lk)[None, :]
+    else:
+        m = None
+    return _ld(ptr + o_j[None, :] * D + o_d[:, None], m, DT)
+
+
+@triton.jit
+def _scores(b_q, k, o_i, o_j, Lk, off, D: tl.constexpr, CAUSAL: tl.constexpr, QK_DT: tl.constexpr,
+            MASKED: tl.constexpr):
+    # [BM, BN] t = q̃·k̂; on an edge tile a key the row does not see scores −inf (one select per element), which
+    # gives f = 0, σ = 0 and, on re-weighted rows, y = ReLU(−b) = 0: no weight, no term in any sum
+    b_t = _dot(b_q, _keys_t(k, o_j, Lk, D, QK_DT, MASKED), QK_DT)
+    if MASKED:
+        b_t = tl.where(_visible(o_i, o_j, Lk, off, CAUSAL), b_t, float("-inf"))
+    return b_t
+
+
+@triton.jit
+def _values(v, o_j, Lk, D: tl.constexpr, DT: tl.constexpr, MASKED: tl.constexpr):
+    # [BN, D] tile of values o_j
+    o_d = tl.arange(0, D)
+    if MASKED:
+        m = (o_j < Lk)[:, None]
+    else:
+        m = None
+    return _ld(v + o_j[:, None] * D + o_d[None, :], m, DT)
+
+
+@triton.jit
+def _fwd_pass1_tile(b_q, k, v, o_i, o_j, Lk, off, b_Z, b_T, b_acc,
+                    D: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, DEG: tl.constexpr,
+                    QK_DT: tl.constexpr, PV_DT: tl.constexpr, MASKED: tl.constexpr):
+    # Z += Σ f; LSSA: acc += f·v; LSSAR: T = max t (softplus is monotone, so F = f(T))
+    b_t = _scores(b_q, k, o_i, o_j, Lk, off, D, CAUSAL, QK_DT, MASKED)
+    b_f = _softplus2(b_t, DEG)
+    b_Z += tl.sum(b_f, 1)
+    if REWEIGHT:
+        b_T = tl.maximum(b_T, tl.max(b_t, 1))
+    else:
+        b_acc += _dot(b_f, _values(v, o_j, Lk, D, PV_DT, MASKED), PV_DT)
+    return b_Z, b_T, b_acc
+
+
+@triton.jit
+def _fwd_pass2_tile(b_q, k, v, o_i, o_j, Lk, off, b_a, b_b, ok, P, b_U, b_acc,
+                    D: tl.constexpr, CAUSAL: tl.constexpr, P_INT: tl.constexpr, DEG: tl.constexpr,
+                    QK_DT: tl.constexpr, PV_DT: tl.constexpr, MASKED: tl.constexpr):
+    # u = ReLU(y)^p ∈ [0, 1] with y = a·f − b (LSSA rows: u = f); acc += u·v, U += Σ u
+    b_f = _softplus2(_scores(b_q, k, o_i, o_j, Lk, off, D, CAUSAL, QK_DT, MASKED), DEG)
+    b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
+    b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
+    b_U += tl.sum(b_u, 1)
+    b_acc += _dot(b_u, _values(v, o_j, Lk, D, PV_DT, MASKED), PV_DT)
+    return b_U, b_acc
+
+
+@triton.jit
+def _dq_tile(b_q, b_do, k, kd, v, o_i, o_j, Lk, off, b_w, b_wd, b_a, b_b, P, b_acc1, b_acc2, b_H,
+             D: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr,
+             DEG: tl.constexpr, QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, MASKED: tl.constexpr):
+    # acc1 += Σ_j t σ k̂, acc2 += Σ_j σ k̂ and H += Σ_j t (LSSAR), with t = g·w·(dP − D)
+    b_kdt = _keys_t(kd, o_j, Lk, D, DS_DT, MASKED)  # [D, BN]
+    b_t = _scores(b_q, k, o_i, o_j, Lk, off, D, CAUSAL, QK_DT, MASKED)  # [BM, BN]
+    b_g = _dot(b_do, _keys_t(v, o_j, Lk, D, PV_DT, MASKED), PV_DT) * b_w[:, None] - b_wd[:, None]  # w·(dP − D)
+    if REWEIGHT:
+        b_f = _softplus2(b_t, DEG)
+        b_sig = _sigmoid2(b_t, b_f)
+        b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
+        b_H += tl.sum(b_g, 1)
+        b_acc2 += _dot(b_sig, tl.trans(b_kdt), DS_DT)
+    else:
+        b_sig = _sigmoid2_only(b_t)
+    b_acc1 += _dot(b_g * b_sig, tl.trans(b_kdt), DS_DT)
+    return b_acc1, b_acc2, b_H
+
+
 # --------------------------------------------------------------------------------------------------------
 # Forward. Scores in the log2 domain: the host folds c_i·log2(e) into q̂_i once per row, so t_ij = q̃_i·k̂_j =
 # s_ij·log2(e) comes out of the tensor cores ready, and f_ij = softplus(s_ij)/ln 2 = log2(1 + 2^t). The ℓ1
@@ -302,30 +383,14 @@ def lssa_fwd_kernel(
     b_Z = tl.zeros([BM], dtype=tl.float32)
     b_T = tl.full([BM], float("-inf"), tl.float32)  # LSSAR: max_j t_ij (softplus is monotone: F = f(max t))
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    # pass 1 (LSSA: the only pass). Full tiles: no mask.
+    # pass 1 (LSSA: the only pass): full tiles without a mask, then the edge tiles (the causal diagonal and the
+    # end of the keys), where a masked score is −inf: f = 0 (no weight, no term in Z), no candidate for max t
     for j0 in range(0, n_full, BN):
-        o_j = j0 + tl.arange(0, BN)
-        b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)  # [BM, BN]
-        b_f = _softplus2(b_t, DEG)
-        b_Z += tl.sum(b_f, 1)
-        if REWEIGHT:
-            b_T = tl.maximum(b_T, tl.max(b_t, 1))
-        else:
-            b_acc += _dot(b_f, _ld(v + o_j[:, None] * D + o_d[None, :], None, PV_DT), PV_DT)
-    # edge tiles: the causal diagonal and the end of the keys. One select per element: a masked score is −inf,
-    # which gives f = 0 (hence no weight, no term in Z) and no candidate for the row maximum.
+        b_Z, b_T, b_acc = _fwd_pass1_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_Z, b_T, b_acc,
+                                          D, CAUSAL, REWEIGHT, DEG, QK_DT, PV_DT, False)
     for j0 in range(n_full, hi, BN):
-        o_j = j0 + tl.arange(0, BN)
-        m_j = o_j < Lk
-        vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-        b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
-        b_t = tl.where(vis, b_t, float("-inf"))
-        b_f = _softplus2(b_t, DEG)
-        b_Z += tl.sum(b_f, 1)
-        if REWEIGHT:
-            b_T = tl.maximum(b_T, tl.max(b_t, 1))
-        else:
-            b_acc += _dot(b_f, _ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT), PV_DT)
+        b_Z, b_T, b_acc = _fwd_pass1_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_Z, b_T, b_acc,
+                                          D, CAUSAL, REWEIGHT, DEG, QK_DT, PV_DT, True)
     if REWEIGHT:
         # M = N·F/Z − O = den/Z; y = x/M = a·f − b. Rows with M <= τ (uniform up to rounding) keep LSSA weights:
         # a = 0, b = −1 gives y = 1 there, and the uniform row's weights come from 1/Z instead.
@@ -337,26 +402,14 @@ def lssa_fwd_kernel(
         b_a = tl.where(ok, b_N * b_rden, 0.0)
         b_b = tl.where(ok, b_O * b_Z * b_rden, -1.0)
         b_U = tl.zeros([BM], dtype=tl.float32)
-        # pass 2: u = ReLU(y)^p ∈ [0, 1], acc = Σ u·v, U = Σ u   (LSSA rows: u = f)
+        # pass 2: u = ReLU(y)^p ∈ [0, 1], acc = Σ u·v, U = Σ u   (LSSA rows: u = f). Masked: t = −inf, f = 0,
+        # y = ReLU(−b) = 0 (b >= 0 on re-weighted rows), so u = 0 either way
         for j0 in range(0, n_full, BN):
-            o_j = j0 + tl.arange(0, BN)
-            b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT), QK_DT)
-            b_f = _softplus2(b_t, DEG)
-            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
-            b_U += tl.sum(b_u, 1)
-            b_acc += _dot(b_u, _ld(v + o_j[:, None] * D + o_d[None, :], None, PV_DT), PV_DT)
+            b_U, b_acc = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P, b_U,
+                                         b_acc, D, CAUSAL, P_INT, DEG, QK_DT, PV_DT, False)
         for j0 in range(n_full, hi, BN):
-            o_j = j0 + tl.arange(0, BN)
-            m_j = o_j < Lk
-            vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-            b_t = _dot(b_q, _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT), QK_DT)
-            # masked: t = −inf, f = 0, y = ReLU(−b) = 0 (b >= 0 on re-weighted rows), so u = 0 either way
-            b_f = _softplus2(tl.where(vis, b_t, float("-inf")), DEG)
-            b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-            b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
-            b_U += tl.sum(b_u, 1)
-            b_acc += _dot(b_u, _ld(v + o_j[:, None] * D + o_d[None, :], m_j[:, None], PV_DT), PV_DT)
+            b_U, b_acc = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P, b_U,
+                                         b_acc, D, CAUSAL, P_INT, DEG, QK_DT, PV_DT, True)
         b_a = tl.where(ok, b_a * tl.math.exp2(-tl.math.log2(b_U) / P), 0.0)  # a' = a·U^(-1/p): y'^p = P
         b_b = tl.where(ok, b_b * tl.math.exp2(-tl.math.log2(b_U) / P), -1.0)
     else:
@@ -429,6 +482,8 @@ def lssa_bwd_dq_kernel(
         b_w = tl.where(b_a > 0, P * b_a, b_iz)
     else:
         b_w = b_iz
+        b_a = tl.zeros([BM], dtype=tl.float32)  # unused on LSSA rows
+        b_b = b_a
     b_wd = b_w * b_delta
     b_wd_kv = b_wd  # the w·D of the dK/dV kernel
     if PRESCALE:
@@ -439,42 +494,16 @@ def lssa_bwd_dq_kernel(
     b_acc1 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j t σ k̂
     b_acc2 = tl.zeros([BM, D], dtype=tl.float32)  # Σ_j σ k̂   (LSSAR only)
     b_H = tl.zeros([BM], dtype=tl.float32)  # Σ_j t
+    # full tiles, then the edge tiles (a masked score is −inf: σ = 0, no term in either sum; y = ReLU(−b) = 0 on
+    # re-weighted rows, no term in Σ t; on LSSA rows R = 0 and Σ t is not used)
     for j0 in range(0, n_full, BN):
-        o_j = j0 + tl.arange(0, BN)
-        b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], None, QK_DT)  # [D, BN]
-        b_kdt = _ld(kd + o_j[None, :] * D + o_d[:, None], None, DS_DT)  # [D, BN]
-        b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], None, PV_DT)  # [D, BN]
-        b_t = _dot(b_q, b_kt, QK_DT)  # [BM, BN]
-        b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]  # w·(dP − D)
-        if REWEIGHT:
-            b_f = _softplus2(b_t, DEG)
-            b_sig = _sigmoid2(b_t, b_f)
-            b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
-            b_H += tl.sum(b_g, 1)
-            b_acc2 += _dot(b_sig, tl.trans(b_kdt), DS_DT)
-        else:
-            b_sig = _sigmoid2_only(b_t)
-        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kdt), DS_DT)
-    # edge tiles: a masked score is −inf, so σ = 0 (no term in either sum) and y = ReLU(−b) = 0 on re-weighted rows
-    # (no term in Σ t; on LSSA rows R = 0 and Σ t is not used): one select per element
+        b_acc1, b_acc2, b_H = _dq_tile(b_q, b_do, k, kd, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_w, b_wd, b_a, b_b,
+                                       P, b_acc1, b_acc2, b_H, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT,
+                                       DS_DT, False)
     for j0 in range(n_full, hi, BN):
-        o_j = j0 + tl.arange(0, BN)
-        m_j = o_j < Lk
-        vis = _visible(o_i, o_j, Lk, off, CAUSAL)
-        b_kt = _ld(k + o_j[None, :] * D + o_d[:, None], m_j[None, :], QK_DT)
-        b_kdt = _ld(kd + o_j[None, :] * D + o_d[:, None], m_j[None, :], DS_DT)
-        b_vt = _ld(v + o_j[None, :] * D + o_d[:, None], m_j[None, :], PV_DT)
-        b_t = tl.where(vis, _dot(b_q, b_kt, QK_DT), float("-inf"))
-        b_g = _dot(b_do, b_vt, PV_DT) * b_w[:, None] - b_wd[:, None]
-        if REWEIGHT:
-            b_f = _softplus2(b_t, DEG)
-            b_sig = _sigmoid2(b_t, b_f)
-            b_g *= _pow(tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0), P - 1.0, PM1_INT)
-            b_H += tl.sum(b_g, 1)
-            b_acc2 += _dot(b_sig, tl.trans(b_kdt), DS_DT)
-        else:
-            b_sig = _sigmoid2_only(b_t)
-        b_acc1 += _dot(b_g * b_sig, tl.trans(b_kdt), DS_DT)
+        b_acc1, b_acc2, b_H = _dq_tile(b_q, b_do, k, kd, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_w, b_wd, b_a, b_b,
+                                       P, b_acc1, b_acc2, b_H, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT,
+                                       DS_DT, True)
 
     if REWEIGHT:
         b_R = tl.where(b_a > 0, b_H * tl.where(b_N > offset_rows, 1.0, 0.0) / b_N, 0.0)  # [BM]
@@ -485,6 +514,48 @@ def lssa_bwd_dq_kernel(
     tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
     tl.store(delta + i_bh * Lq + o_i, b_wd_kv, mask=m_i)
     tl.store(rterm + i_bh * Lq + o_i, b_R, mask=m_i)
+
+
+@triton.jit
+def _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, o_i, o_j, Lq, Lk, off, P, b_dk, b_dv,
+               D: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr,
+               DEG: tl.constexpr, QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
+               PRESCALE: tl.constexpr, MASKED: tl.constexpr):
+    # dv += Σ_i P_ij dO_i and dk += Σ_i dt_ij q̃_i over the query rows o_i, in the transposed orientation [BN, BM]
+    o_d = tl.arange(0, D)
+    m_i = o_i < Lq  # rows past Lq load 0 everywhere (a plain zero-filled copy, no select): P = 0, dt = 0
+    p_t = o_i[None, :] * D + o_d[:, None]
+    b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+    b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
+    b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
+    b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
+    b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
+    if MASKED:  # a masked score is −inf, so f = 0, σ = 0 and y = ReLU(−b) = 0: P = 0 and dt = 0
+        b_t = tl.where(tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)), b_t, float("-inf"))
+    b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
+    b_f = _softplus2(b_t, DEG)
+    b_sig = _sigmoid2(b_t, b_f)
+    if REWEIGHT:
+        b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
+        b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
+        b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=0.0)
+        b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
+        lssar = b_a > 0
+        b_w = tl.where(lssar, P * b_a, b_iz)
+        b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
+        b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
+        b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
+        b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
+    elif PRESCALE:
+        b_p = b_f
+        b_ds = (b_dp - b_wd[None, :]) * b_sig
+    else:
+        b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
+        b_p = b_f * b_iz[None, :]
+        b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
+    b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
+    b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
+    return b_dk, b_dv
 
 
 @triton.jit
@@ -527,72 +598,13 @@ def lssa_bwd_dkdv_kernel(
     if (i_n + 1) * BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
         mid = Lq
     for i0 in range(lo, mid, BM):  # edge tiles
-        o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # rows past Lq load 0 everywhere (a plain zero-filled copy, no select): P = 0, dt = 0
-        p_t = o_i[None, :] * D + o_d[:, None]
-        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
-        b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
-        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
-        b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
-        b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
-        # a masked score is −inf, so f = 0, σ = 0 and y = ReLU(−b) = 0: P = 0 and dt = 0, one select per element
-        b_t = tl.where(tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)), b_t, float("-inf"))
-        b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
-        b_f = _softplus2(b_t, DEG)
-        b_sig = _sigmoid2(b_t, b_f)
-        if REWEIGHT:
-            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
-            b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
-            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=0.0)
-            b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
-            lssar = b_a > 0
-            b_w = tl.where(lssar, P * b_a, b_iz)
-            b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
-            b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
-            b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
-        elif PRESCALE:
-            b_p = b_f
-            b_ds = (b_dp - b_wd[None, :]) * b_sig
-        else:
-            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
-            b_p = b_f * b_iz[None, :]
-            b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
-        b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
-        b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
-
+        b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                                off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
+                                True)
     for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
-        o_i = i0 + tl.arange(0, BM)
-        m_i = o_i < Lq  # rows past Lq load 0 everywhere (a plain zero-filled copy, no select): P = 0, dt = 0
-        p_t = o_i[None, :] * D + o_d[:, None]
-        b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
-        b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
-        b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
-        b_wd = tl.load(delta + o_i, mask=m_i, other=0.0)
-        b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
-        b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
-        b_f = _softplus2(b_t, DEG)
-        b_sig = _sigmoid2(b_t, b_f)
-        if REWEIGHT:
-            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
-            b_a = tl.load(p_st + n_rows + o_i, mask=m_i, other=0.0)
-            b_b = tl.load(p_st + 2 * n_rows + o_i, mask=m_i, other=0.0)
-            b_R = tl.load(rterm + o_i, mask=m_i, other=0.0)
-            lssar = b_a > 0
-            b_w = tl.where(lssar, P * b_a, b_iz)
-            b_y = tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0)
-            b_g = _pow(b_y, P - 1.0, PM1_INT)  # y^(p−1); P = y^(p−1)·y·(1 on LSSAR rows, f/Z on LSSA rows: y = 1)
-            b_p = (b_g * b_y) * (tl.where(lssar, 1.0, 0.0)[None, :] + tl.where(lssar, 0.0, b_iz)[None, :] * b_f)
-            b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig  # [BN, BM] dt_ij
-        elif PRESCALE:
-            b_p = b_f
-            b_ds = (b_dp - b_wd[None, :]) * b_sig
-        else:
-            b_iz = tl.load(p_st + o_i, mask=m_i, other=0.0)
-            b_p = b_f * b_iz[None, :]
-            b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
-        b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
-        b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
+        b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                                off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
+                                False)
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
