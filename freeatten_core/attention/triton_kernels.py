@@ -244,13 +244,31 @@ def _pow(y, P, P_INT: tl.constexpr):
 
 
 @triton.jit
-def _full_tiles(m0, Lk, off, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    # keys [0, returned) form whole BN-tiles that every query row from m0 on sees entirely: no mask there
+def _key_range(m0, BM: tl.constexpr, BN: tl.constexpr, Lk, off, CAUSAL: tl.constexpr):
+    # the keys of query rows [m0, m0 + BM): [0, n_full) are whole BN-tiles that every row sees entirely (no mask
+    # there), [n_full, hi) the edge tiles (the causal diagonal and the end of the keys)
     if CAUSAL:
         n = tl.minimum(off + m0 + 1, Lk)
+        hi = tl.minimum(Lk, off + m0 + BM)
     else:
         n = Lk
-    return (n // BN) * BN
+        hi = Lk
+    return (n // BN) * BN, hi
+
+
+@triton.jit
+def _query_range(n0, BM: tl.constexpr, BN: tl.constexpr, Lq, Lk, off, CAUSAL: tl.constexpr):
+    # the query tiles of keys [n0, n0 + BN): [lo, mid) hold rows that see only part of them (masked), [mid, Lq)
+    # rows that see them all (full tiles; only the last may run past Lq)
+    if CAUSAL:
+        lo = (tl.maximum(n0 - off, 0) // BM) * BM
+        mid = tl.minimum(tl.cdiv(tl.maximum(n0 + BN - 1 - off, 0), BM) * BM, Lq)
+    else:
+        lo = 0
+        mid = 0
+    if n0 + BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
+        mid = Lq
+    return lo, mid
 
 
 @triton.jit
@@ -371,13 +389,11 @@ def lssa_fwd_kernel(
     b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
     k += i_bh * Lk * D
     v += i_bh * Lk * D
-    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
+    n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)  # bottom-right alignment: row i sees keys j <= off + i
-        hi = tl.minimum(Lk, off + (i_m + 1) * BM)
     else:
         b_N = tl.zeros([BM], dtype=tl.float32) + Lk
-        hi = Lk
     b_O = tl.where(b_N > offset_rows, 1.0, 0.0)  # [BM]
 
     b_Z = tl.zeros([BM], dtype=tl.float32)
@@ -469,13 +485,11 @@ def lssa_bwd_dq_kernel(
     k += i_bh * Lk * D
     kd += i_bh * Lk * D
     v += i_bh * Lk * D
-    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
+    n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)
-        hi = tl.minimum(Lk, off + (i_m + 1) * BM)
     else:
         b_N = tl.zeros([BM], dtype=tl.float32) + Lk
-        hi = Lk
     if REWEIGHT:
         b_a = tl.load(p_st + n_rows, mask=m_i, other=0.0)
         b_b = tl.load(p_st + 2 * n_rows, mask=m_i, other=-1.0)
@@ -588,15 +602,7 @@ def lssa_bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
-    # query tiles [lo, mid) hold rows that see only part of these keys (masked); [mid, Lq) see them all
-    if CAUSAL:
-        lo = (tl.maximum(i_n * BN - off, 0) // BM) * BM
-        mid = tl.minimum(tl.cdiv(tl.maximum((i_n + 1) * BN - 1 - off, 0), BM) * BM, Lq)
-    else:
-        lo = 0
-        mid = 0
-    if (i_n + 1) * BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
-        mid = Lq
+    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
     for i0 in range(lo, mid, BM):  # edge tiles
         b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
                                 off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,

@@ -25,17 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _key_range, _query_range  # the same tiling as the fused kernels
+
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _full_tiles(m0, Lk, off, BN: tl.constexpr, CAUSAL: tl.constexpr):
-    # keys [0, returned) form whole BN-tiles that every query row from m0 on sees in full: no mask needed there
-    if CAUSAL:
-        n = tl.minimum(off + m0 + 1, Lk)
-    else:
-        n = Lk
-    return (n // BN) * BN
 
 
 @triton.jit
@@ -57,11 +49,7 @@ def softmax_fwd_kernel(
     b_m = tl.full([BM], float("-inf"), tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
-    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
-    if CAUSAL:
-        hi = tl.minimum(Lk, off + (i_m + 1) * BM)
-    else:
-        hi = Lk
+    n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
     for j0 in range(0, n_full, BN):  # full tiles: no mask
         o_j = j0 + tl.arange(0, BN)
         b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None])  # [D, BN]
@@ -113,11 +101,7 @@ def softmax_bwd_dq_kernel(
     k += i_bh * Lk * D
     v += i_bh * Lk * D
     b_dq = tl.zeros([BM, D], dtype=tl.float32)
-    n_full = _full_tiles(i_m * BM, Lk, off, BN, CAUSAL)
-    if CAUSAL:
-        hi = tl.minimum(Lk, off + (i_m + 1) * BM)
-    else:
-        hi = Lk
+    n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
     for j0 in range(0, n_full, BN):
         o_j = j0 + tl.arange(0, BN)
         b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None])  # [D, BN]
@@ -160,15 +144,7 @@ def softmax_bwd_dkdv_kernel(
     delta += i_bh * Lq
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
-    # query tiles [lo, mid) hold rows that see only part of these keys (masked); [mid, Lq) full tiles
-    if CAUSAL:
-        lo = (tl.maximum(i_n * BN - off, 0) // BM) * BM
-        mid = tl.minimum(tl.cdiv(tl.maximum((i_n + 1) * BN - 1 - off, 0), BM) * BM, Lq)
-    else:
-        lo = 0
-        mid = 0
-    if (i_n + 1) * BN > Lk:  # the last key tile runs past Lk: every query tile is an edge tile
-        mid = Lq
+    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
     for i0 in range(lo, mid, BM):
         o_i = i0 + tl.arange(0, BM)
         m_i = o_i < Lq
