@@ -48,17 +48,17 @@ BUDGETS = {  # kernel -> (yardstick kernel, {loop name: (yardstick loop name, ma
     "lssa_dkdv": ("softmax_dkdv", {"edge": ("edge", 1.5), "full": ("full", 1.5)}),
     "lssar_dkdv": ("softmax_dkdv", {"edge": ("edge", 1.5), "full": ("full", 1.5)}),
 }
-"""The issue's targets: instructions per element of each loop ≤ ratio × the yardstick loop's (same tiles and
+"""The speed targets: instructions per element of each loop ≤ ratio × the yardstick loop's (same tiles and
 warps). Reported with a verdict; the met ones are enforced (``ENFORCED``), the others are held by ``CEILINGS``."""
 
 ENFORCED = {"lssa_fwd", "lssa_dq", "lssa_dkdv", ("lssar_fwd", "pass1_full"), ("lssar_fwd", "pass1_edge")}
 """The targets that the kernels meet, as a CI check (``make test``): in the main configuration (sm_90a, D = 64,
 bfloat16, causal) a loop listed here (a kernel name: all its loops) fails the check when its ratio to the
-yardstick exceeds the issue's budget. Loops not listed are held by their regression ceiling instead."""
+yardstick exceeds its budget. Loops not listed are held by their regression ceiling instead."""
 
 
 def enforced(kernel: str, loop: str) -> bool:
-    """Whether the issue's target of ``kernel``'s ``loop`` is a CI check (see :data:`ENFORCED`)."""
+    """Whether the target of ``kernel``'s ``loop`` is a CI check (see :data:`ENFORCED`)."""
     return kernel in ENFORCED or (kernel, loop) in ENFORCED
 
 CEILINGS = {  # kernel -> {loop: instructions per element}, sm_90a, D = 64, bfloat16, causal, TILES
@@ -355,12 +355,12 @@ def check_budgets(rows: list[dict]) -> list[str]:
                                  "ok": ok, "enforced": ci}
             if ci and not ok:
                 bad.append(f"{name}: loop {loop} {got} instructions/element = {got / ref:.3f}x the yardstick's {yloop} "
-                           f"loop > the issue's target {ratio}x")
+                           f"loop > the target {ratio}x")
     return bad
 
 
 def target_misses(rows: list[dict]) -> list[str]:
-    """The issue's targets (``BUDGETS``) that a kernel loop misses (call after :func:`check_budgets`)."""
+    """The targets (``BUDGETS``) that a kernel loop misses (call after :func:`check_budgets`)."""
     out = []
     for r in rows:
         for loop, b in r.get("budget", {}).items():

@@ -3,7 +3,7 @@ Hopper (sm_90a) with Triton's own compiler and ptxas, and their inner loops are 
 
 Only the main configuration (head dim 64, bfloat16, causal, the kernels' TILES) is compiled here (about 20–40 s
 on 2 cores without a warm Triton cache); ``python -m freeatten_core kernel-report`` does sm_80, other head dims
-and dtypes. Fails when a kernel loop with an enforced target (``kernel_report.ENFORCED``: the issue's budgets
+and dtypes. Fails when a kernel loop with an enforced target (``kernel_report.ENFORCED``: the speed budgets
 that the kernels meet) needs more instructions per attention element than the budget allows relative to the
 softmax yardstick, when any other loop (and any yardstick loop) grows past its ceiling (``kernel_report.CEILINGS``,
 +3 %), or when a kernel spills or loses warpgroup MMA (HGMMA).
@@ -37,7 +37,7 @@ def _report():
 
 
 def test_every_loop_is_checked():
-    # each loop of the issue's budgets is either an enforced target or held by a ceiling, never neither
+    # each loop of the speed budgets is either an enforced target or held by a ceiling, never neither
     for kernel, (_, loops) in kr.BUDGETS.items():
         for loop in loops:
             assert kr.enforced(kernel, loop) or loop in kr.CEILINGS.get(kernel, {}), (kernel, loop)
@@ -63,7 +63,7 @@ def check_main_kernels_meet_targets_or_ceilings(report):
 
 
 def check_bloated_kernels_are_flagged(report):
-    # the check can fail: a loop 5 % over the issue's target (enforced), one 10 % over its ceiling, a kernel that
+    # the check can fail: a loop 5 % over its target (enforced), one 10 % over its ceiling, a kernel that
     # spills, one on mma.sync
     rows = copy.deepcopy(report["rows"])
     ystick = next(r for r in rows if r["kernel"] == "softmax_fwd")["loops"]["full"]["per_element"]

@@ -6,7 +6,7 @@ without the interpreter, the same tests run on the GPU, plus a GPU section at la
 
 Every launch writes into buffers poisoned with NaN (``poison_outputs``), so a position the kernel forgets to
 write fails the test. ``emulate_gpu_dots`` rounds the matmul operands in the interpreter as the GPU path does
-for half-precision inputs, so the issue's GPU precision target (1e-2) is checked on the CPU too. Errors are fla-style relative errors: RMS(x − ref) / RMS(ref), against the reference
+for half-precision inputs, so the GPU precision target (1e-2) is checked on the CPU too. Errors are fla-style relative errors: RMS(x − ref) / RMS(ref), against the reference
 computed in float64 on the very same (possibly half-rounded) inputs.
 """
 
@@ -100,7 +100,7 @@ def check(q, k, v, do, method, causal, tol=None, **opts):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Shapes: every length of the issue, Lq < Lk, B and H > 1, head dims 32/64/128, causal on and off
+# Shapes: lengths 1 to 257 (odd, tile-crossing), Lq < Lk, B and H > 1, head dims 32/64/128, causal on and off
 # --------------------------------------------------------------------------------------------------------
 SHAPES = [  # (B, H, Lq, Lk, D)
     (2, 3, 1, 1, 32),
@@ -140,7 +140,7 @@ def test_half_precision(shape, method, dtype):
                          ids=lambda s: "B{}H{}q{}k{}d{}".format(*s))
 def test_gpu_operand_precision(shape, method, dtype):
     # the GPU path's matmul operands (q̂·k̂ in float16, P·V and dO·Vᵀ in the input dtype, dS products in
-    # bfloat16), emulated bit-exactly in the interpreter (on a GPU: the real tensor cores), against the issue's
+    # bfloat16), emulated bit-exactly in the interpreter (on a GPU: the real tensor cores), against the
     # GPU target: outputs and gradients within 1e-2 of the float64 reference (measured here: at most 4e-3)
     B, H, Lq, Lk, D = shape
     with tk.emulate_gpu_dots():

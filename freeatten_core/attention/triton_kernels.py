@@ -6,7 +6,7 @@ Contract with :mod:`freeatten_core.attention.api`:
   attention(q, k, v, method, causal, p=15.0, offset_rows=3) -> Tensor   differentiable, input dtype out.
 Importing this module raises ImportError when triton is missing: the API then falls back / explains.
 
-The math is ``shared/spec/kernel-math.md``; the plain-PyTorch specification is :mod:`.reference`. Per query row
+The math is derived in the book's kernel chapter (notebooks/03_gpu_kernel.ipynb); the plain-PyTorch specification is :mod:`.reference`. Per query row
 ``i`` (0-based) with ``N_i`` visible keys, ``c_i = ln(d)·ln(N_i)``, unit vectors ``q̂``, ``k̂``:
 
 * forward LSSA (one pass over the keys): ``f = softplus(c·q̂·k̂)``, ``acc += f·V``, ``Z += Σf``, ``o = acc/Z``.
@@ -17,7 +17,7 @@ The math is ``shared/spec/kernel-math.md``; the plain-PyTorch specification is :
   square-and-multiply on the FMA units, other p by exp2/log2); ``o = Σ u·V / Σ u``. A row with ``M_i ≤ 0``
   (exactly uniform) keeps its LSSA weights, as :func:`.reference.reweight` does.
 * backward: the dQ kernel also computes the preprocess term ``D_i = dO_i·o_i`` and the row term ``R_i``
-  (``R_i = O_i G_i / Z_i`` of kernel-math.md) from the sums it accumulates anyway; the dK/dV kernel reads both.
+  (``R_i = O_i G_i / Z_i``) from the sums it accumulates anyway; the dK/dV kernel reads both.
 
 Design choices:
 * The unit-sphere normalisation of q and k runs in PyTorch (float32, autograd) around the kernel: it is an
