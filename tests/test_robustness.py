@@ -10,6 +10,7 @@ notebook parameters.
   stated limit with exact gradients below it; corrupt caches and logs are reported, never used.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -74,13 +75,21 @@ def logged(run):
 def reference_run(shards, tmp_path_factory):
     """An uninterrupted run: the trajectory every interrupted and resumed run must reproduce."""
     out = tmp_path_factory.mktemp("reference")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the tests and the subprocesses (OMP_NUM_THREADS=1): same reductions, same bits
-    try:
+    with one_thread():
         assert T.main(train_args(shards, out)) == 0
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread, as the subprocesses (OMP_NUM_THREADS=1): same reductions, same bits, whatever thread
+    count the test session runs with (make test-portability also runs 2)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(n)
-    return out
 
 
 def spawn(args, env=None):
@@ -114,7 +123,8 @@ def test_training_killed_at_a_random_point_resumes_to_the_same_run(shards, refer
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         logged(run)  # a line cut by the kill is reported and skipped, never an exception
-    assert T.main(train_args(shards, run)) == 0  # resume (or find the run finished)
+    with one_thread():
+        assert T.main(train_args(shards, run)) == 0  # resume (or find the run finished)
     got, want = logged(run), logged(reference_run)
     assert [s for s, _ in got] == list(range(STEPS)), f"killed={killed} after {delay:.2f}s"
     assert [x for _, x in got] == [x for _, x in want]  # bit-identical on CPU
