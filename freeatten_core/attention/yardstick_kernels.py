@@ -31,6 +31,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax_tile(b_q, k, v, o_i, o_j, Lk, off, b_m, b_l, b_acc,
+                         D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # one key tile of the online softmax in the exp2 domain: running max m, sum l, accumulator acc
+    o_d = tl.arange(0, D)
+    if MASKED:
+        m_j = o_j < Lk
+        b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None], mask=m_j[None, :], other=0.0)  # [D, BN]
+        b_v = tl.load(v + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None], other=0.0)  # [BN, D]
+        vis = m_j[None, :]
+        if CAUSAL:
+            vis = vis & (o_j[None, :] <= off + o_i[:, None])
+        b_t = tl.where(vis, tl.dot(b_q, b_kt), float("-inf"))
+    else:
+        b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None])  # [D, BN]
+        b_v = tl.load(v + o_j[:, None] * D + o_d[None, :])  # [BN, D]
+        b_t = tl.dot(b_q, b_kt)  # [BM, BN]
+    b_mn = tl.maximum(b_m, tl.max(b_t, 1))
+    b_p = tl.math.exp2(b_t - b_mn[:, None])
+    b_alpha = tl.math.exp2(b_m - b_mn)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(v.dtype.element_ty), b_v)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
 def softmax_fwd_kernel(
     q, k, v, o, lse, Lq, Lk, off, scale2,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
@@ -51,31 +76,11 @@ def softmax_fwd_kernel(
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
     n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
     for j0 in range(0, n_full, BN):  # full tiles: no mask
-        o_j = j0 + tl.arange(0, BN)
-        b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None])  # [D, BN]
-        b_v = tl.load(v + o_j[:, None] * D + o_d[None, :])  # [BN, D]
-        b_t = tl.dot(b_q, b_kt)  # [BM, BN]
-        b_mn = tl.maximum(b_m, tl.max(b_t, 1))
-        b_p = tl.math.exp2(b_t - b_mn[:, None])
-        b_alpha = tl.math.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(v.dtype.element_ty), b_v)
-        b_m = b_mn
+        b_m, b_l, b_acc = _online_softmax_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_m, b_l, b_acc,
+                                               D, CAUSAL, False)
     for j0 in range(n_full, hi, BN):  # edge tiles: the causal diagonal and the end of the keys
-        o_j = j0 + tl.arange(0, BN)
-        m_j = o_j < Lk
-        b_kt = tl.load(k + o_j[None, :] * D + o_d[:, None], mask=m_j[None, :], other=0.0)
-        b_v = tl.load(v + o_j[:, None] * D + o_d[None, :], mask=m_j[:, None], other=0.0)
-        vis = m_j[None, :]
-        if CAUSAL:
-            vis = vis & (o_j[None, :] <= off + o_i[:, None])
-        b_t = tl.where(vis, tl.dot(b_q, b_kt), float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_t, 1))
-        b_p = tl.math.exp2(b_t - b_mn[:, None])
-        b_alpha = tl.math.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(v.dtype.element_ty), b_v)
-        b_m = b_mn
+        b_m, b_l, b_acc = _online_softmax_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_m, b_l, b_acc,
+                                               D, CAUSAL, True)
     b_o = b_acc / b_l[:, None]
     tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_i[:, None])
     tl.store(lse + i_bh * Lq + o_i, b_m + tl.math.log2(b_l), mask=m_i)
