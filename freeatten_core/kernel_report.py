@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     print(format_table(rep))
     print(f"\ncompiled {len(rep['rows'])} kernels in {rep['compile_seconds_total']} s")
     miss = target_misses(rep["rows"])
-    print("\n".join(["targets not met (issue budgets vs the softmax yardstick):", *miss]) if miss else
+    print("\n".join(["targets not met (speed budgets vs the softmax yardstick):", *miss]) if miss else
           "every issue target met")
     print("\n".join(["regression check FAILED:", *bad]) if bad else
           "regression check passed: enforced targets met, the other loops within their ceilings, no spills on "

@@ -34,7 +34,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # roundings: the output to the input dtype, and the unit vectors q̂, k̂ to float16 (the kernels' storage for
 # them, on the GPU as here). LSSAR with p = 15 amplifies a score error ~p-fold in its sharp rows, which at
 # these tiny lengths makes 1e-2 in dq/dk (measured: up to 1.1e-2 at L = 17; 2e-3 at L = 257); hence 1.5e-2.
-# GPU: tensor-core dots in float16/bfloat16 (issue 4: bf16 outputs and gradients within 1e-2 at real sizes).
+# GPU: tensor-core dots in float16/bfloat16 (target: bf16 outputs and gradients within 1e-2 of float64 at real sizes).
 TOL = {
     torch.float32: (2e-5, 1e-4) if not ON_GPU else (1e-4, 5e-4),
     torch.float16: (5e-3, 1.5e-2),

@@ -83,7 +83,7 @@ def reference_run(shards, tmp_path_factory):
 @contextlib.contextmanager
 def one_thread():
     """One torch thread, as the subprocesses (OMP_NUM_THREADS=1): same reductions, same bits, whatever thread
-    count the test session runs with (make test-portability also runs 2)."""
+    count the tests run with (make test-portability also runs 2)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
