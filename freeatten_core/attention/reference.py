@@ -7,6 +7,17 @@ Shapes: ``q`` is ``[B, H, Lq, D]``, ``k`` and ``v`` are ``[B, H, Lk, D]``. Query
 * causal: queries are aligned to the *last* ``Lq`` keys (bottom-right, what incremental decoding needs), so
   query ``i`` sees keys ``j <= i + Lk - Lq`` and ``N_i = Lk - Lq + i + 1``.
 
+Grouped-query attention: ``k`` and ``v`` may have fewer heads, ``[B, H_kv, Lk, D]`` with ``H % H_kv == 0``; query
+head ``h`` uses key head ``h // (H // H_kv)``. K and V are never repeated: the ``G = H // H_kv`` query heads of a
+group are folded into the row dimension (``q`` as ``[B, H_kv, G·Lq, D]``), so each weight function sees ordinary
+4-D tensors.
+
+Padding and packed sequences: :func:`attention` and :func:`attention_weights` take ``visible``, a boolean
+``[B, 1, Lq, Lk]`` (True: query row i may see key j), combined with the causal rule. ``N_i`` is then the number of
+keys row i sees (it sets the length scale ln N_i and the re-weighting's N_i), and a row that sees no key (a query
+at a padding position) outputs 0, with zero gradients. :mod:`.batching` builds ``visible`` from a key padding mask
+or from ``cu_seqlens``.
+
 Everything here materialises the ``[Lq, Lk]`` weight matrix: it is short, readable and exact, not fast.
 Half-precision inputs are computed in float32 and the result is cast back; float64 inputs stay float64, so a
 float64 call *is* a float64 transcription of the formulas. No epsilon enters any normalisation (see the
@@ -276,35 +287,109 @@ WEIGHT_FUNCTIONS = {name: _formula(REGISTRY[name]) for name in METHODS}
 """Method name -> weight function, derived from the registry (methods.py is the one list of names)."""
 
 
-def _weights(q, k, method, causal, **options):
+# --------------------------------------------------------------------------------------------------------
+# Grouped queries and per-batch visibility
+# --------------------------------------------------------------------------------------------------------
+
+
+def visibility(Lq: int, Lk: int, causal, visible: torch.Tensor | None = None, device=None) -> torch.Tensor | None:
+    """The keys each query row sees: the causal rule (:func:`visible_mask`) and, if given, ``visible``.
+
+    ``causal`` may also be a visibility tensor already (what the NaN-policy helpers pass around); it is returned
+    as it is. Returns None (every key visible), ``[Lq, Lk]`` or ``[B, 1, Lq, Lk]`` (bool).
+    """
+    if isinstance(causal, torch.Tensor):
+        return causal
+    rule = visible_mask(Lq, Lk, causal, device=device)
+    if visible is None:
+        return rule
+    return visible if rule is None else visible & rule
+
+
+def _fold(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """``[B, H, L, ...]`` -> ``[B, H_kv, G·L, ...]``: the G query heads of each key head as consecutive row blocks
+    (row ``g·L + r`` of key head ``hk`` is row ``r`` of query head ``hk·G + g``). A view, no copy."""
+    B, H, L = x.shape[:3]
+    return x.reshape(B, Hkv, (H // Hkv) * L, *x.shape[3:])
+
+
+def _unfold(x: torch.Tensor, H: int) -> torch.Tensor:
+    """The inverse of :func:`_fold`: ``[B, H_kv, G·L, ...]`` -> ``[B, H, L, ...]``."""
+    B, Hkv, R = x.shape[:3]
+    return x.reshape(B, H, R // (H // Hkv), *x.shape[3:])
+
+
+def _fold_vis(vis: torch.Tensor | None, G: int) -> torch.Tensor | None:
+    """The visibility of the folded rows: ``[L, Lk]`` or ``[B, 1, L, Lk]`` repeated G times along the rows."""
+    if vis is None or G == 1:
+        return vis
+    return vis.repeat(G, 1) if vis.ndim == 2 else vis.repeat(1, 1, G, 1)
+
+
+def _rows(Lq, Lk, causal, visible, G, device, dtype):
+    """``(N, mask, empty)`` for the weight functions on the folded rows (``R = G·Lq``).
+
+    Without ``visible``: ``N`` ``[R]`` and ``mask`` None or ``[R, Lk]``, as always. With it: ``mask``
+    ``[B, 1, R, Lk]`` and ``N`` ``[B, R, 1]`` (so that ``N[:, None]``, the way the weight functions broadcast
+    ``N``, is ``[B, 1, R, 1]``). A row that sees no key (``empty`` ``[B, 1, R, 1]``) is given every key and
+    ``N = Lk`` as a stand-in, so that its arithmetic stays finite; its weights are set to 0 afterwards.
+    """
+    if visible is None:
+        N = row_counts(Lq, Lk, causal, device=device, dtype=dtype)
+        mask = visible_mask(Lq, Lk, causal, device=device)
+        return N.repeat(G), _fold_vis(mask, G), None
+    vis = _fold_vis(visibility(Lq, Lk, causal, visible, device=device), G)  # [B, 1, R, Lk]
+    n = vis.sum(dim=-1)  # [B, 1, R]
+    empty = n == 0
+    N = torch.where(empty, torch.full_like(n, Lk), n).to(dtype).transpose(1, 2)  # [B, R, 1]
+    return N, vis | empty[..., None], empty[..., None]
+
+
+def _weights(q, k, method, causal, visible=None, **options):
+    """The weights of the folded rows, ``[B, H_kv, G·Lq, Lk]`` (see :func:`_fold`)."""
     ct = compute_dtype(q.dtype)
-    q, k = q.to(ct), k.to(ct)
-    Lq, Lk = q.shape[-2], k.shape[-2]
-    N = row_counts(Lq, Lk, causal, device=q.device, dtype=ct)
-    mask = visible_mask(Lq, Lk, causal, device=q.device)
+    H, Lq = q.shape[1], q.shape[2]
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    q, k = _fold(q.to(ct), Hkv), k.to(ct)
+    N, mask, empty = _rows(Lq, Lk, causal, visible, G, q.device, ct)
     options = {**REGISTRY[method].options, **options}  # defaults from the registry
-    return WEIGHT_FUNCTIONS[method](q, k, N, mask, **options)
+    s = options.get("s")
+    if G > 1 and isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1:  # a per-head option, per row
+        options["s"] = s.reshape(Hkv, G, 1).expand(Hkv, G, Lq).reshape(1, Hkv, G * Lq, 1)
+    w = WEIGHT_FUNCTIONS[method](q, k, N, mask, **options)
+    return w if empty is None else w.masked_fill(empty, 0.0)
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: bool, **options) -> torch.Tensor:
+def attention_weights(q: torch.Tensor, k: torch.Tensor, method: str, causal: bool, visible=None,
+                      **options) -> torch.Tensor:
     """The weight matrix ``[B, H, Lq, Lk]`` of ``method``, computed in ``compute_dtype(q.dtype)``.
 
-    No input checking here: :func:`freeatten_core.attention_weights` validates and then calls this.
+    ``k`` may have fewer heads than ``q`` (grouped queries); ``visible`` (bool ``[B, 1, Lq, Lk]``) restricts the
+    keys each row sees beyond the causal rule. No input checking here: :func:`freeatten_core.attention_weights`
+    validates and then calls this.
     """
+    H = q.shape[1]
     if _all_finite(q, k):
-        return _weights(q, k, method, causal, **options)
-    w = _weights(_finite(q), _finite(k), method, causal, **options)
-    return _NanPolicy.apply(w, q, k, None, _bad_weights(q, k, method, causal), causal, method)
+        return _unfold(_weights(q, k, method, causal, visible, **options), H)
+    w = _unfold(_weights(_finite(q), _finite(k), method, causal, visible, **options), H)
+    vis = visibility(q.shape[-2], k.shape[-2], causal, visible, device=q.device)
+    return _NanPolicy.apply(w, q, k, None, _bad_weights(q, k, method, vis), vis, method)
 
 
-def attention(q, k, v, method: str, causal: bool, **options) -> torch.Tensor:
-    """o = W·v with W from :func:`attention_weights`; the result has the dtype of ``q``."""
+def attention(q, k, v, method: str, causal: bool, visible=None, **options) -> torch.Tensor:
+    """o = W·v with W from :func:`attention_weights`; the result has the dtype of ``q``.
+
+    Grouped queries: the weights of the folded rows multiply the shared ``v`` directly (no copy of K or V).
+    """
+    H = q.shape[1]
     if _all_finite(q, k, v):
-        w = _weights(q, k, method, causal, **options)
-        return (w @ v.to(w.dtype)).to(q.dtype)
-    w = _weights(_finite(q), _finite(k), method, causal, **options)
-    o = (w @ _finite(v).to(w.dtype)).to(q.dtype)
-    return _NanPolicy.apply(o, q, k, v, _bad_outputs(q, k, v, causal), causal, method)
+        w = _weights(q, k, method, causal, visible, **options)
+        return _unfold(w @ v.to(w.dtype), H).to(q.dtype)
+    w = _weights(_finite(q), _finite(k), method, causal, visible, **options)
+    o = _unfold(w @ _finite(v).to(w.dtype), H).to(q.dtype)
+    vis = visibility(q.shape[-2], k.shape[-2], causal, visible, device=q.device)
+    return _NanPolicy.apply(o, q, k, v, _bad_outputs(q, k, v, vis), vis, method)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -349,10 +434,19 @@ def _bad_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _bad_outputs(q, k, v, causal) -> torch.Tensor:
-    """``[B, H, Lq, D]``: o_id depends on q_i, on every key k_j row i sees, and on v_jd of those keys."""
-    vis = visible_mask(q.shape[-2], k.shape[-2], causal, device=q.device)
-    rows = _bad_rows(q) | _gather(_bad_rows(k), vis)  # [B, H, Lq]
-    return rows[..., None] | _gather(~torch.isfinite(v), vis)
+    """``[B, H, Lq, D]``: o_id depends on q_i, on every key k_j row i sees, and on v_jd of those keys; a row that
+    sees no key outputs 0 and depends on nothing.
+
+    ``causal``: True/False, or the visibility (``[Lq, Lk]`` or ``[B, 1, Lq, Lk]``, see :func:`visibility`).
+    ``k``, ``v`` may have fewer heads than ``q`` (grouped queries).
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    vis = _fold_vis(visibility(q.shape[-2], k.shape[-2], causal, device=q.device), H // Hkv)
+    bq = _fold(_bad_rows(q), Hkv)  # [B, H_kv, G·Lq]
+    if vis is not None:
+        bq = bq & vis.any(dim=-1)
+    rows = bq | _gather(_bad_rows(k), vis)
+    return _unfold(rows[..., None] | _gather(~torch.isfinite(v), vis), H)
 
 
 def _bad_weights(q, k, method, causal) -> torch.Tensor:
@@ -360,14 +454,15 @@ def _bad_weights(q, k, method, causal) -> torch.Tensor:
     normalised method on every key of row i. Invisible weights are 0 and depend on nothing."""
     from .methods import REGISTRY
 
+    H, Hkv = q.shape[1], k.shape[1]
     Lq, Lk = q.shape[-2], k.shape[-2]
-    vis = visible_mask(Lq, Lk, causal, device=q.device)
-    bq, bk = _bad_rows(q), _bad_rows(k)
+    vis = _fold_vis(visibility(Lq, Lk, causal, device=q.device), H // Hkv)
+    bq, bk = _fold(_bad_rows(q), Hkv), _bad_rows(k)
     if REGISTRY[method].normalised:
         bad = (bq | _gather(bk, vis))[..., None].expand(*bq.shape, Lk)
     else:
         bad = bq[..., None] | bk[..., None, :]
-    return bad if vis is None else bad & vis
+    return _unfold(bad if vis is None else bad & vis, H)
 
 
 class _NanPolicy(torch.autograd.Function):
@@ -376,7 +471,8 @@ class _NanPolicy(torch.autograd.Function):
     Backward: the cotangent of a bad output is not sent into the computation (which ran on the finite part of
     the inputs); instead every input element that such an output depends on, where the cotangent is non-zero,
     gets a NaN gradient. The dependency structure is the one of :func:`_bad_outputs` (``v`` given) or
-    :func:`_bad_weights` (``v`` is None).
+    :func:`_bad_weights` (``v`` is None); ``causal`` may be the visibility tensor (:func:`visibility`), and ``k``,
+    ``v`` may have fewer heads than ``q``.
     """
 
     @staticmethod
@@ -392,15 +488,16 @@ class _NanPolicy(torch.autograd.Function):
 
         (bad,) = ctx.saved_tensors
         qs, ks, qd, kd, vd = ctx.shapes
-        vis = visible_mask(qs[-2], ks[-2], ctx.causal, device=g.device)
-        hit = bad & (g != 0)  # bad outputs the loss uses (a NaN cotangent counts)
-        rows = hit.any(dim=-1)  # [B, H, Lq]: the query rows that reach a used bad output
+        H, Hkv = qs[1], ks[1]
+        vis = _fold_vis(visibility(qs[-2], ks[-2], ctx.causal, device=g.device), H // Hkv)
+        hit = _fold(bad & (g != 0), Hkv)  # bad outputs the loss uses (a NaN cotangent counts), rows folded
+        rows = hit.any(dim=-1)  # [B, H_kv, G·Lq]: the query rows that reach a used bad output
         if ctx.has_v or REGISTRY[ctx.method].normalised:
             keys = _reach(rows, vis).expand(*ks[:-1])  # every key those rows see
         else:
             keys = hit.any(dim=-2)  # unnormalised weights: w_ij depends on k_j only
         nan = float("nan")
-        gq = torch.zeros(qs, dtype=qd, device=g.device).masked_fill(rows[..., None], nan)
+        gq = torch.zeros(qs, dtype=qd, device=g.device).masked_fill(_unfold(rows, H)[..., None], nan)
         gk = torch.zeros(ks, dtype=kd, device=g.device).masked_fill(keys[..., None], nan)
         gv = None
         if ctx.has_v:
