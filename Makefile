@@ -12,7 +12,7 @@ export TRITON_INTERPRET ?= 1
 
 export PYTHONHASHSEED ?= 0
 
-.PHONY: all book test test-unit test-notebooks test-portability venv clean gpu-kernels gpu-extrapolation
+.PHONY: all book test test-unit test-notebooks test-portability venv clean gpu-kernels gpu-extrapolation reproduce
 
 all: test
 
@@ -58,6 +58,12 @@ gpu-kernels:
 
 gpu-extrapolation:
 	bash scripts/gpu_extrapolation.sh
+
+# Every chapter re-executed at one preset (papermill; presets/<name>.yaml) into results/$(PRESET)/, with the
+# preset's multi-seed runs (the cpu preset: about 40 minutes of one core). PRESET: ci, cpu, gpu or paper.
+PRESET ?= cpu
+reproduce: $(STAMP)
+	$(PY) -m freeatten_core reproduce --preset $(PRESET)
 
 clean:
 	rm -rf _build .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""Command line: ``python -m freeatten_core {bench,train,evaluate,data,experiments,methods} ...``.
+"""Command line: ``python -m freeatten_core {bench,train,evaluate,data,experiments,presets,reproduce,methods} ...``.
 
 Each subcommand lives in its own module with a ``main(argv)`` function; this file only dispatches.
 """
@@ -16,6 +16,8 @@ COMMANDS = {
     "experiments": ("freeatten_core.experiments", "the book's experiments: extrapolation, ablation, throughput"),
     "kernel-report": ("freeatten_core.kernel_report", "compile the fused kernels for sm_90a/sm_80 (no GPU) and "
                                                       "count their inner loops against softmax yardsticks"),
+    "presets": ("freeatten_core.presets", "the run sizes; write or check presets/<name>.yaml (papermill)"),
+    "reproduce": ("freeatten_core.reproduce", "re-execute every chapter at a preset with papermill -> results/<preset>/"),
     "methods": (None, "list the attention methods"),
 }
 

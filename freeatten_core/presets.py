@@ -88,3 +88,239 @@ def get_preset(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Presets for the notebooks: what each chapter runs at each preset, and the one check of a `parameters` cell
+# ------------------------------------------------------------------------------------------------------------
+
+def _integer(low: int):
+    def check(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"parameter {name} must be an integer >= {low}, got {value!r}")
+        return value
+    check.__doc__ = f"an integer >= {low}"
+    return check
+
+
+def _number(low: float, high: float | None = None, *, open_low: bool = True):
+    def check(name, value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ok = ok and (value > low if open_low else value >= low) and (high is None or value < high)
+        if not ok:
+            span = f"{'>' if open_low else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise ValueError(f"parameter {name} must be a number {span}, got {value!r}")
+        return value
+    check.__doc__ = f"a number {'>' if open_low else '>='} {low:g}" + (f", < {high:g}" if high is not None else "")
+    return check
+
+
+def _integer_list(low: int):
+    def check(name, value):
+        if not isinstance(value, (list, tuple)) or not value or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < low for x in value):
+            raise ValueError(f"parameter {name} must be a non-empty list of integers >= {low}, got {value!r} "
+                             f"(papermill: pass lists as YAML, -y \"{name}: [..]\")")
+        return list(value)
+    check.__doc__ = f"a non-empty list of integers >= {low}"
+    return check
+
+
+def _dict(name, value):
+    """a dict"""
+    if not isinstance(value, dict):
+        raise ValueError(f"parameter {name} must be a dict, got {value!r} (papermill: pass dicts as YAML, -y)")
+    return value
+
+
+def _optional_path(name, value):
+    """a path (string) or None"""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"parameter {name} must be a non-empty path string or None, got {value!r}")
+    return value
+
+
+def _variants(name, value):
+    """a non-empty list of variant names (freeatten_core.experiments.VARIANTS)"""
+    from .experiments import get_variants
+
+    if isinstance(value, tuple):
+        value = list(value)
+    get_variants(value)  # raises naming the unknown ones and the valid names
+    return value
+
+
+NOTEBOOK_PARAMETERS: dict[str, dict] = {
+    "01_softmax_decomposition": dict(
+        checks=dict(seed=_integer(0), row_length=_integer(2), score_scale=_number(0.0),
+                    ablation_steps=_integer(1), ablation_batch=_integer(1)),
+        presets={"ci": dict(ablation_steps=100, ablation_batch=16),
+                 "cpu": dict(ablation_steps=400, ablation_batch=16),
+                 "gpu": dict(ablation_steps=1000, ablation_batch=64),
+                 "paper": dict(ablation_steps=2000, ablation_batch=64)},
+    ),
+    "02_entropy_scaling": dict(
+        checks=dict(d=_integer(2), lengths=_integer_list(2), n_queries=_integer(1),
+                    needle_cos=_number(-1.0, 1.0), away=_number(0.0, open_low=False), trials=_integer(1),
+                    seed=_integer(0)),
+        presets={"ci": dict(lengths=[16, 64, 256, 1024, 4096, 16384], trials=4),
+                 "cpu": dict(lengths=[16, 64, 256, 1024, 4096, 16384, 65536], trials=8),
+                 "gpu": dict(lengths=[16, 256, 4096, 65536], trials=16),
+                 "paper": dict(lengths=[16, 256, 4096, 65536], trials=16)},
+    ),
+    "04_training_extrapolation": dict(
+        checks=dict(variants=_variants, overrides=_dict, run_dir=_optional_path, results_dir=_optional_path,
+                    threads=_integer(0)),
+        presets={"ci": {}, "cpu": {}, "gpu": {}, "paper": {}},  # the training preset is `preset` itself
+    ),
+}
+"""What each chapter runs at each preset. Every chapter registered here takes a ``preset`` parameter (one of
+:data:`PRESETS`) beside its own (``checks``: name -> check); a parameter its ``parameters`` cell leaves at
+``None`` takes the value of ``presets[preset]``, and a value given explicitly (papermill ``-p``/``-y``) wins.
+The ``ci`` values are what the book executes."""
+
+SEED_RUNS: dict[str, dict] = {
+    "cpu": dict(seeds=(0, 1, 2), variants=("softmax", "lssa", "lssar", "lssa+reweight@eval")),
+}
+"""Presets whose extrapolation experiment ``python -m freeatten_core reproduce`` also runs once per training
+seed (``results/<preset>/seeds/seed<N>/``), for the spread over seeds the book shows beside single runs."""
+
+PAPERMILL_HEADER = "# Parameters\n"
+"""The first line of the cell papermill injects after a notebook's ``parameters`` cell."""
+
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def notebook_preset(notebook: str, preset: str) -> dict:
+    """The values chapter ``notebook`` takes at ``preset`` for the parameters it leaves at ``None``."""
+    spec = _notebook_spec(notebook)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(spec["presets"].get(preset, {}))
+
+
+def _notebook_spec(notebook: str) -> dict:
+    if notebook not in NOTEBOOK_PARAMETERS:
+        raise ValueError(f"notebook {notebook!r} has no parameters registered in freeatten_core/presets.py "
+                         f"(NOTEBOOK_PARAMETERS); registered: {', '.join(NOTEBOOK_PARAMETERS)}")
+    return NOTEBOOK_PARAMETERS[notebook]
+
+
+def _assigned_names(source: str) -> list[str]:
+    """Names assigned at the top level of a cell's source (what papermill injects is ``name = value`` lines)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return names
+
+
+def check_parameters(notebook: str, namespace: dict) -> dict:
+    """Check the parameters of chapter ``notebook`` and fill in its preset's values; returns them as a dict.
+
+    Call it in the first cell after the ``parameters`` cell, with ``globals()``: it runs after the cell papermill
+    injects, so it sees the injected values. It raises ``ValueError`` naming
+
+    * an unknown preset (and the valid ones),
+    * an injected parameter the chapter does not have (papermill only warns about those), with the valid names,
+    * a parameter with a bad value (and what it must be), or one the ``parameters`` cell does not define.
+
+    Parameters left at ``None`` take the preset's value (:data:`NOTEBOOK_PARAMETERS`), written back into
+    ``namespace`` so the chapter's code uses them by name.
+    """
+    spec = _notebook_spec(notebook)
+    valid = ["preset", *spec["checks"]]
+    history = namespace.get("In")
+    if isinstance(history, list) and len(history) >= 2 and str(history[-2]).startswith(PAPERMILL_HEADER):
+        unknown = [n for n in _assigned_names(history[-2]) if n not in valid]
+        if unknown:
+            raise ValueError(f"unknown parameter{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))} for {notebook}; valid parameters: {', '.join(valid)}")
+    missing = [n for n in valid if n not in namespace]
+    if missing:
+        raise ValueError(f"{notebook}: the parameters cell does not define {', '.join(missing)}")
+    preset = namespace["preset"]
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)} (presets/<name>.yaml)")
+    values = {"preset": preset}
+    defaults = notebook_preset(notebook, preset)
+    for name, check in spec["checks"].items():
+        value = namespace[name]
+        if value is None and name in defaults:
+            value = copy.deepcopy(defaults[name])
+        values[name] = value if value is None and check is _optional_path else check(name, value)
+    namespace.update(values)
+    return values
+
+
+def preset_file_text(name: str) -> str:
+    """The YAML file papermill takes for preset ``name`` (``presets/<name>.yaml``): the preset's name, with
+    comments saying what it means for each chapter. Generated from this module; never edited by hand."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    m = p["model"]
+    lines = [f"# The `{name}` preset, for papermill:  papermill notebooks/NAME.ipynb OUT.ipynb -f presets/{name}.yaml",
+             "# or for every chapter at once:       python -m freeatten_core reproduce --preset " + name,
+             "# Generated from freeatten_core/presets.py by `python -m freeatten_core presets --write`; edit that",
+             "# file, not this one. Each chapter resolves the preset itself (freeatten_core.presets.check_parameters):",
+             f"#   training: {p['corpus']} ({p['tokenizer']} tokens), L = {m['block_size']}, {m['n_layer']} layers x "
+             f"{m['n_embd']} wide, {p['max_steps']} steps of {p['batch_size'] * p['grad_accum']} sequences "
+             f"on {p['device']}",
+             f"#   evaluation: k = {', '.join(map(str, EVALUATION[name]['factors']))} x L, "
+             f"{EVALUATION[name]['windows']} windows"]
+    for nb, spec in NOTEBOOK_PARAMETERS.items():
+        vals = spec["presets"].get(name, {})
+        text = ", ".join(f"{k} = {v}" for k, v in vals.items()) or "the training and evaluation sizes above"
+        lines.append(f"#   {nb}: {text}")
+    lines.append(f"preset: {name}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """``python -m freeatten_core presets [--write | --check]``: list the presets, or write/check presets/*.yaml."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from . import atomic
+
+    ap = argparse.ArgumentParser(prog="python -m freeatten_core presets",
+                                 description="the run sizes, and the presets/<name>.yaml files papermill takes")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="write presets/<name>.yaml for every preset")
+    group.add_argument("--check", action="store_true", help="exit 1 if a presets/<name>.yaml file is out of date")
+    ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / "presets"),
+                    help="where the files are (default: presets/ at the repository root)")
+    args = ap.parse_args(argv)
+    folder = Path(args.dir)
+    if args.write:
+        try:
+            atomic.check_output_dir(folder, "--dir")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name in PRESETS:
+            atomic.write_text(folder / f"{name}.yaml", preset_file_text(name))
+        print(f"wrote {', '.join(f'{n}.yaml' for n in PRESETS)} to {folder}")
+        return 0
+    if args.check:
+        stale = [n for n in PRESETS if not (folder / f"{n}.yaml").exists()
+                 or (folder / f"{n}.yaml").read_text() != preset_file_text(n)]
+        if stale:
+            print(f"out of date: {', '.join(f'{n}.yaml' for n in stale)} in {folder}; run "
+                  f"python -m freeatten_core presets --write", file=sys.stderr)
+            return 1
+        print(f"presets/*.yaml up to date ({', '.join(PRESETS)})")
+        return 0
+    for name in PRESETS:
+        print(preset_file_text(name))
+    return 0

@@ -8,7 +8,9 @@ it came from (device, preset, commit, date). Three sources:
   ``ci`` preset (written by ``scripts/execute_notebooks.py``);
 * ``results/extrapolation/<variant>.json``: GPU runs of the ``gpu`` preset (``make gpu-extrapolation``), if any;
 * ``results/kernels/*.json``: the compiled-code report of the fused kernels
-  (``python -m freeatten_core kernel-report``), if any.
+  (``python -m freeatten_core kernel-report``), if any;
+* ``results/<preset>/seeds/seed<N>/<variant>.json``: the extrapolation experiment repeated over training seeds
+  (``python -m freeatten_core reproduce --preset cpu``), summarised as mean ± standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CI_RECORD = Path("results/notebooks/04_training_extrapolation.json")
 GPU_DIR = Path("results/extrapolation")
 KERNEL_DIR = Path("results/kernels")
+SEEDS_DIR = "results/{preset}/seeds"
 
 # measured variant -> (row of the paper's table, label in the book)
 PAPER_ROWS = {
@@ -106,6 +109,145 @@ def _fmt(x) -> str:
 
 def _signed(x) -> str:
     return "–" if x is None else f"{x:+.2f}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs repeated over training seeds: mean ± standard deviation
+# ------------------------------------------------------------------------------------------------------------
+
+def load_seed_runs(preset: str = "cpu", root=None) -> dict | None:
+    """The extrapolation experiment of ``preset`` repeated over seeds (``results/<preset>/seeds/seed<N>/``), or
+    None when there is none. Returns ``{"preset", "seeds", "factors", "losses": {variant: {metric: {k:
+    [one loss per seed]}}}, "final_train_loss": {variant: [per seed]}, "claims": {seed: [claims]},
+    "provenance": [one record per seed], "path"}``; a variant missing for some seed is left out of that seed."""
+    folder = _root(root) / SEEDS_DIR.format(preset=preset)
+    seed_dirs = sorted((p for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit()),
+                       key=lambda p: int(p.name[4:])) if folder.exists() else []
+    losses: dict = {}
+    final: dict = {}
+    claims, provs, seeds, factors = {}, [], [], None
+    for d in seed_dirs:
+        seed = int(d.name[4:])
+        found = False
+        for path in sorted(d.glob("*.json")):
+            if path.name == "claims.json":
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(data, dict) or "results" not in data or data.get("preset") != preset:
+                continue
+            found = True
+            variant = data.get("variant", path.stem)
+            factors = factors or [int(k) for k in data["factors"]]
+            for m in METRICS:
+                for k, v in data["results"].items():
+                    losses.setdefault(variant, {}).setdefault(m, {}).setdefault(int(k), []).append(float(v[m]))
+            final.setdefault(variant, []).append(float(data["training"]["final_loss"]))
+            provs.append(data.get("provenance", {}))
+        if found:
+            seeds.append(seed)
+            if (d / "claims.json").exists():
+                claims[seed] = json.loads((d / "claims.json").read_text()).get("claims", [])
+    if not seeds:
+        return None
+    return {"preset": preset, "seeds": seeds, "factors": factors, "losses": losses, "final_train_loss": final,
+            "claims": claims, "provenance": provs, "path": SEEDS_DIR.format(preset=preset),
+            "params": {"preset": preset}}
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((x - mean) ** 2 for x in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, sd
+
+
+def seed_provenance_line(runs: dict) -> str:
+    """One sentence naming where a multi-seed run came from: device, seeds, commit(s), dates, folder."""
+    provs = runs["provenance"]
+    devices = sorted({p.get("device", "?") for p in provs})
+    commits = sorted({str(p.get("git_commit") or "unknown")[:10] + (" (uncommitted changes)" if str(
+        p.get("git_commit", "")).endswith("+dirty") else "") for p in provs})
+    dates = sorted(p.get("date_utc", "?") for p in provs)
+    return (f"`{runs['preset']}` preset, training seeds {', '.join(map(str, runs['seeds']))}, on "
+            f"{' / '.join(devices)}, torch {provs[0].get('torch', '?')}, commit {', '.join(commits)}, "
+            f"{dates[0]} – {dates[-1]} (`{runs['path']}/`)")
+
+
+def seed_table(runs: dict, metric: str = "loss_last") -> str:
+    """A Markdown table: per variant, ``mean ± sd`` over seeds of ``metric`` at every length, and the rise from
+    1× to the longest length (mean ± sd of the per-seed rises)."""
+    factors = runs["factors"]
+    kmax = max(factors)
+    lines = ["| variant | seeds | " + " | ".join(f"{k}×" for k in factors) + f" | rise 1× → {kmax}× |",
+             "|---|---|" + "---|" * len(factors) + "---|"]
+    for variant, m in runs["losses"].items():
+        vals = m[metric]
+        cells = [f"{a:.3f} ± {b:.3f}" for a, b in (mean_sd(vals[k]) for k in factors)]
+        rises = [b - a for a, b in zip(vals[1], vals[kmax])] if 1 in vals else []
+        rise = "–" if not rises else "{:+.3f} ± {:.3f}".format(*mean_sd(rises))
+        label = PAPER_ROWS.get(variant, (None, variant))[1]
+        lines.append(f"| {label} | {len(vals[factors[0]])} | " + " | ".join(cells) + f" | {rise} |")
+    return "\n".join(lines)
+
+
+def seed_claims(runs: dict) -> list[dict]:
+    """Each claim of :func:`freeatten_core.experiments.extrapolation_claims` with the number of seeds in which
+    it reproduced: ``[{id, claim, paper, reproduced, of}]`` in the order of the first seed."""
+    out: dict = {}
+    for seed, rows in sorted(runs["claims"].items()):
+        for c in rows:
+            row = out.setdefault(c["id"], {"id": c["id"], "claim": c["claim"], "paper": c["paper"],
+                                           "reproduced": 0, "of": 0, "measured": []})
+            row["reproduced"] += bool(c["reproduced"])
+            row["of"] += 1
+            row["measured"].append(f"seed {seed}: {c['measured']}")
+    return list(out.values())
+
+
+def seed_claims_table(runs: dict) -> str:
+    """A Markdown table of :func:`seed_claims`: claim, the paper's number, in how many seeds it reproduced."""
+    lines = ["| claim | paper | reproduced in |", "|---|---|---|"]
+    for c in seed_claims(runs):
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['reproduced']} of {c['of']} seeds |")
+    return "\n".join(lines)
+
+
+def paper_comparison_table(ci: dict | None = None, seeds: dict | None = None, metric: str = "loss_last") -> str:
+    """The paper's losses (secondary source, approximate; no 16× column there) beside every measured run,
+    length by length, with each curve's rise from 1× to 8× and its shape. One row per method and source."""
+    factors = [1, 2, 4, 8, 16]
+    lines = ["| method | source | " + " | ".join(f"{k}×" for k in factors) + " | rise 1× → 8× | shape to 8× |",
+             "|---|---|" + "---|" * len(factors) + "---|---|"]
+    for variant, (paper_key, label) in PAPER_ROWS.items():
+        rows = []
+        paper = PAPER_TABLE.get(paper_key) if paper_key else None
+        if paper:
+            cells = [_fmt(paper.get(k)) if k in paper else "not in the source" for k in factors]
+            rise = paper[8] - paper[1]
+            rows.append(("paper, GPT-2 124M, L = 1024 (secondary, approximate)", cells, _signed(rise),
+                         shape(rise, paper[1])))
+        if ci is not None and variant in ci["losses"]:
+            m = ci["losses"][variant][metric]
+            cells = [_fmt(m.get(k)) for k in factors]
+            rise = m[8] - m[1] if 8 in m and 1 in m else None
+            rows.append(("this project, `ci`, 1 seed", cells, _signed(rise),
+                         shape(rise, m[1]) if rise is not None else "–"))
+        if seeds is not None and variant in seeds["losses"]:
+            m = seeds["losses"][variant][metric]
+            cells = ["{:.2f} ± {:.2f}".format(*mean_sd(m[k])) if k in m else "–" for k in factors]
+            rises = [b - a for a, b in zip(m[1], m[8])] if 1 in m and 8 in m else []
+            mean_rise = mean_sd(rises) if rises else None
+            shapes = [shape(r, a) for r, a in zip(rises, m[1])]
+            shape_cell = ", ".join(f"{shapes.count(s)}× {s}" for s in dict.fromkeys(shapes)) or "–"
+            rows.append((f"this project, `{seeds['preset']}`, {len(m[1])} seeds (mean ± sd)", cells,
+                         "–" if mean_rise is None else "{:+.2f} ± {:.2f}".format(*mean_rise), shape_cell))
+        for i, (source, cells, rise, sh) in enumerate(rows):
+            lines.append(f"| {label if i == 0 else ''} | {source} | " + " | ".join(cells) + f" | {rise} | {sh} |")
+    return "\n".join(lines)
 
 
 def extrapolation_table(record: dict, metric: str = "loss_last", factor: int = 8) -> str:

@@ -105,3 +105,59 @@ def test_stamp_names_device_preset_commit_and_date():
     assert text == "cpu: x86_64 · preset ci · commit 0123456789ab + local changes · 2026-12-01"
     assert fig.texts[-1].get_text() == text
     plt.close(fig)
+
+
+def _write_seed(tmp_path, seed, variant, last, preset="cpu", commit="aaaaaaaaaaaa", date="2026-01-02T00:00:00Z"):
+    folder = tmp_path / "results" / preset / "seeds" / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {str(k): {"loss_window": v - 0.1, "loss_last": v} for k, v in last.items()}
+    prov = {"device": "cpu: x86_64", "torch": "2.13.0+cpu", "git_commit": commit, "date_utc": date}
+    (folder / f"{variant}.json").write_text(json.dumps({
+        "variant": variant, "preset": preset, "factors": list(last), "results": results,
+        "training": {"final_loss": 1.5}, "provenance": prov}))
+    claims = [{"id": "softmax_degrades", "claim": "Softmax degrades", "paper": "+3.09", "measured": "x",
+               "reproduced": seed != 2}]
+    (folder / "claims.json").write_text(json.dumps({"preset": preset, "claims": claims}))
+
+
+def test_seed_runs_are_summarised_as_mean_and_sample_sd(tmp_path):
+    assert report.load_seed_runs("cpu", tmp_path) is None
+    for seed, (a, b) in enumerate([(2.0, 3.0), (2.2, 3.4), (2.4, 3.8)]):
+        _write_seed(tmp_path, seed, "softmax", {1: a, 8: b, 16: b + 0.1}, date=f"2026-01-0{seed + 1}T00:00:00Z")
+    _write_seed(tmp_path, 0, "lssar", {1: 2.0, 8: 2.05, 16: 2.1})
+    runs = report.load_seed_runs("cpu", tmp_path)
+    assert runs["seeds"] == [0, 1, 2] and runs["factors"] == [1, 8, 16]
+    assert runs["losses"]["softmax"]["loss_last"][8] == [3.0, 3.4, 3.8]
+    assert report.mean_sd([3.0, 3.4, 3.8]) == pytest.approx((3.4, 0.4))
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in report.seed_table(runs).splitlines()[2:]}
+    assert rows["Softmax"] == ["3", "2.200 ± 0.200", "3.400 ± 0.400", "3.500 ± 0.400", "+1.300 ± 0.200"]
+    assert rows["LSSAR (p = 15)"][0] == "1" and rows["LSSAR (p = 15)"][-1] == "+0.100 ± 0.000"
+    assert report.seed_claims(runs)[0]["reproduced"] == 2 and report.seed_claims(runs)[0]["of"] == 3
+    assert "2 of 3 seeds" in report.seed_claims_table(runs)
+    assert "2026-01-01T00:00:00Z – 2026-01-03T00:00:00Z" in report.seed_provenance_line(runs)
+    table = report.paper_comparison_table(None, runs)
+    softmax = [r for r in table.splitlines() if "3 seeds" in r][0]
+    assert "2.20 ± 0.20" in softmax and "3× degrades" in softmax
+    paper = [r for r in table.splitlines() if r.startswith("| Softmax | paper")][0]
+    assert "not in the source" in paper  # the secondary source has no 16x column
+
+
+def test_plot_over_seeds_draws_mean_band_and_points_and_stamp_lists_runs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    mean, sd = plotting.plot_over_seeds(ax, [1, 2], [[1.0, 2.0], [3.0, 4.0]], "lssar")
+    assert mean == [2.0, 3.0] and sd == pytest.approx([2 ** 0.5] * 2)
+    assert ax.lines[0].get_color() == plotting.method_color("lssar") and len(ax.lines) == 3
+    with pytest.raises(ValueError, match="one row per seed with 2 entries"):
+        plotting.plot_over_seeds(ax, [1, 2], [[1.0]], "lssar")
+    text = plotting.stamp(fig, "cpu", [{"device": "cpu: x86_64", "git_commit": "a" * 40, "date_utc": "2026-01-01"},
+                                       {"device": "cpu: x86_64", "git_commit": "b" * 40 + "+dirty",
+                                        "date_utc": "2026-01-03"}])
+    assert text == ("cpu: x86_64 · preset cpu · commits aaaaaaaaaaaa, bbbbbbbbbbbb + local changes · "
+                    "2026-01-01 – 2026-01-03")
+    plt.close(fig)
