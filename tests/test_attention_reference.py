@@ -358,8 +358,8 @@ def _qkv(**over):
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(q=torch.randn(2, 4, 8)), ValueError, "q must have 4 dimensions"),
     (dict(k=torch.randn(1, 2, 3, 4, 8)), ValueError, "k must have 4 dimensions"),
-    (dict(k=torch.randn(2, 2, 4, 8)), ValueError, "same batch and heads"),
-    (dict(k=torch.randn(1, 3, 4, 8)), ValueError, "same batch and heads"),
+    (dict(k=torch.randn(2, 2, 4, 8)), ValueError, "same batch size"),
+    (dict(k=torch.randn(1, 3, 4, 8)), ValueError, "k and v must have the same number of heads"),
     (dict(k=torch.randn(1, 2, 4, 16)), ValueError, "same head dim"),
     (dict(v=torch.randn(1, 2, 5, 8)), ValueError, "v must have the shape of k"),
     (dict(q=torch.randn(1, 2, 6, 8)), ValueError, "Lq <= Lk"),
