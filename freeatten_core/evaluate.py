@@ -23,6 +23,11 @@ Command line::
 
     python -m freeatten_core evaluate --checkpoint runs/lssa --method lssar --option p=15 --out res.json
     python -m freeatten_core evaluate --checkpoint runs/lssar --task passkey --task induction --factors 1 4 16
+    python -m freeatten_core evaluate --checkpoint runs/softmax --rope-scaling yarn --rope-factor length
+
+RoPE scaling at inference (``rope_scaling=(kind, factor)``, :meth:`freeatten_core.model.GPT.set_rope_scaling`):
+``kind`` is ``ntk`` or ``yarn``; ``factor`` a number >= 1, or ``"length"``: at each length k·L the factor k (the
+scaling set for the length evaluated, which is how NTK and YaRN are used).
 """
 
 from __future__ import annotations
@@ -59,6 +64,22 @@ def _check_factors(factors) -> tuple:
     return tuple(_check_count("each length factor", k) for k in factors)
 
 
+def check_rope_scaling(rope_scaling) -> tuple | None:
+    """None, or ``(kind, factor)`` with factor a number >= 1 or ``"length"`` (k at each length k·L)."""
+    from .model import check_rope_scaling as check
+
+    if rope_scaling is None:
+        return None
+    if isinstance(rope_scaling, (str, bytes)) or not isinstance(rope_scaling, (list, tuple)) or len(rope_scaling) != 2:
+        raise ValueError(f"rope_scaling must be (kind, factor), e.g. ('yarn', 'length') or ('ntk', 4), got "
+                         f"{rope_scaling!r}")
+    kind, factor = rope_scaling
+    if factor == "length":
+        check(kind, 1.0)
+        return kind, factor
+    return check(kind, factor)
+
+
 @dataclass
 class EvalConfig:
     """What an evaluation runs: ``tasks`` at lengths ``factors`` × L, ``windows`` examples per task and length,
@@ -84,15 +105,29 @@ class EvalConfig:
 
 
 def run_task(model, task, block_size: int, factors, n: int, batch_size: int = 16, tokenizer=None, data=None,
-             seed: int = 0, device=None, dtype: str = "auto") -> dict:
-    """``{str(k): task result at k·block_size}`` for one task (name or :class:`~freeatten_core.tasks.Task`)."""
+             seed: int = 0, device=None, dtype: str = "auto", rope_scaling=None) -> dict:
+    """``{str(k): task result at k·block_size}`` for one task (name or :class:`~freeatten_core.tasks.Task`).
+
+    ``rope_scaling``: ``(kind, factor)`` set on the model for the run (see :func:`check_rope_scaling`); the
+    model's own scaling is restored afterwards."""
     task = get_task(task) if isinstance(task, str) else task
     factors = _check_factors(factors)
+    rope_scaling = check_rope_scaling(rope_scaling)
+    before = model.rope_scaling if rope_scaling is not None else None
     out = {}
-    for k in factors:
-        ex = task.make_examples(tokenizer, int(k) * block_size, n, seed, data=data, block_size=block_size)
-        res = task.score(model, ex, batch_size=batch_size, device=device, dtype=dtype)
-        out[str(k)] = {"factor": int(k), **res}
+    try:
+        for k in factors:
+            if rope_scaling is not None:
+                kind, factor = rope_scaling
+                model.set_rope_scaling(kind, float(k) if factor == "length" else factor)
+            ex = task.make_examples(tokenizer, int(k) * block_size, n, seed, data=data, block_size=block_size)
+            res = task.score(model, ex, batch_size=batch_size, device=device, dtype=dtype)
+            out[str(k)] = {"factor": int(k), **res}
+            if rope_scaling is not None:
+                out[str(k)]["rope_scaling"] = list(model.rope_scaling)
+    finally:
+        if before is not None:
+            model.set_rope_scaling(*before)
     return out
 
 
@@ -120,10 +155,13 @@ def check_vocabulary(model_vocab: int, tokenizer, what: str) -> None:
 def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | None = None, factors=None,
                         n_windows: int | None = None, batch_size: int | None = None, device="auto",
                         backend: str | None = None, data=None, command: str | None = None, tasks=("loss",),
-                        seed: int = 0, preset: str | None = None) -> dict:
-    """Evaluate a checkpoint on ``tasks``, optionally with another attention method or backend (weights
-    unchanged). Unset values come from :class:`EvalConfig` for ``preset`` (default: the package defaults)."""
+                        seed: int = 0, preset: str | None = None, rope_scaling=None) -> dict:
+    """Evaluate a checkpoint on ``tasks``, optionally with another attention method or backend and RoPE scaling
+    (``(kind, factor)``, see :func:`check_rope_scaling`; weights unchanged). Unset values come from
+    :class:`EvalConfig` for ``preset`` (default: the package defaults)."""
     from .data import get_tokenizer, load_tokens
+
+    rope_scaling = check_rope_scaling(rope_scaling)
 
     ecfg = EvalConfig.from_preset(preset, tasks=tasks, factors=factors, windows=n_windows, batch_size=batch_size,
                                   seed=seed)
@@ -149,12 +187,13 @@ def evaluate_checkpoint(checkpoint, method: str | None = None, options: dict | N
     L = ckpt["model_config"]["block_size"]
     eval_method, eval_options = model.attention_method
     results = {t: run_task(model, t, L, ecfg.factors, ecfg.windows, ecfg.batch_size, tokenizer, data, ecfg.seed,
-                           dev, tcfg.get("dtype", "auto")) for t in ecfg.tasks}
+                           dev, tcfg.get("dtype", "auto"), rope_scaling) for t in ecfg.tasks}
     out = {
         "trained": {"method": trained_method, "options": trained_options, "steps": ckpt["step"],
                     "checkpoint": str(checkpoint), "block_size": L, "params": model.num_params(),
                     "final_train_loss": _tail_mean(ckpt.get("history", [])), "seed": tcfg.get("seed")},
-        "evaluated": {"method": eval_method, "options": eval_options, "backend": model.attention_backend},
+        "evaluated": {"method": eval_method, "options": eval_options, "backend": model.attention_backend,
+                      "rope_scaling": None if rope_scaling is None else list(rope_scaling)},
         "data": data.summary() if data is not None else None, "factors": list(ecfg.factors),
         "evaluation": {"tasks": list(ecfg.tasks), "windows": ecfg.windows, "batch_size": ecfg.batch_size,
                        "seed": ecfg.seed},
@@ -213,6 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--task", action="append", default=None, metavar="TASK",
                     help=f"task to run (repeatable; default loss): {', '.join(TASKS)}")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic tasks' examples")
+    ap.add_argument("--rope-scaling", default=None, metavar="KIND", help="RoPE scaling at inference: ntk or yarn")
+    ap.add_argument("--rope-factor", default="length", metavar="F",
+                    help="its factor: a number >= 1, or 'length' (k at each length k·L; the default)")
     ap.add_argument("--out", default=None, help="write the JSON here (atomically); default: print it")
     args = ap.parse_args(argv)
     try:  # every value checked, and the output path, before any work
@@ -228,12 +270,20 @@ def main(argv=None) -> int:
             atomic.check_output_file(args.out, "--out")
             atomic.remove_stale_temporaries(Path(args.out).parent, Path(args.out).name)
         options = parse_options(args.option) if args.option else None
+        rope = None
+        if args.rope_scaling is not None:
+            try:
+                factor = args.rope_factor if args.rope_factor == "length" else float(args.rope_factor)
+            except ValueError:
+                raise ValueError(f"--rope-factor must be a number >= 1 or 'length', got {args.rope_factor!r}") from None
+            rope = check_rope_scaling((args.rope_scaling, factor))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         res = evaluate_checkpoint(args.checkpoint, args.method, options, args.factors, args.windows,
                                   args.batch_size, args.device, args.backend, tasks=tasks, seed=args.seed,
+                                  rope_scaling=rope,
                                   command="python -m freeatten_core evaluate " + " ".join(argv or sys.argv[1:]))
     except (FileNotFoundError, ValueError, TypeError, RuntimeError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ Command line (``python -m freeatten_core experiments --help``)::
     python -m freeatten_core experiments ablation --preset ci --steps 120 --out ablation.json
     python -m freeatten_core experiments throughput --preset gpu --out throughput.json
     python -m freeatten_core experiments tasks --preset gpu --seeds 0,1,2 --out results/tasks/tasks_gpu.json
+    python -m freeatten_core experiments psweep --preset gpu --seeds 0,1,2 --out results/tasks/psweep_gpu.json
     python -m freeatten_core experiments variants
 """
 
@@ -32,7 +33,8 @@ from .train import config_from_preset, train
 
 @dataclass(frozen=True)
 class Variant:
-    """A trained model (``method`` + ``options``) evaluated with ``eval_method`` + ``eval_options``.
+    """A trained model (``method`` + ``options``) evaluated with ``eval_method`` + ``eval_options`` and, if set,
+    RoPE scaling ``rope_scaling`` = ``(kind, factor)`` (:func:`freeatten_core.evaluate.check_rope_scaling`).
 
     Variants that share ``method`` and ``options`` share one training run.
     """
@@ -41,6 +43,7 @@ class Variant:
     options: dict = field(default_factory=dict)
     eval_method: str | None = None  # None: as trained
     eval_options: dict | None = None
+    rope_scaling: tuple | None = None  # e.g. ("yarn", "length"): at each length k·L the factor k
 
     @property
     def run_name(self) -> str:
@@ -57,20 +60,51 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("ssmax", "ssmax"),  # Scalable-Softmax with a learned s per head
     Variant("sigmoid", "sigmoid"),
     Variant("linear", "linear"),  # linear attention (elu + 1): the retrieval baseline
+    Variant("softmax_qknorm", "softmax_qknorm"),  # QK-norm with a learned scale per head
+    # sliding-window softmax; the window is half the gpu preset's L = 256 (a caller may build another Variant)
+    Variant("softmax_window", "softmax_window", {"window": 128}),
+    # softmax trained as usual, RoPE scaled at inference for each evaluated length k·L (factor k)
+    Variant("softmax+ntk@eval", "softmax", rope_scaling=("ntk", "length")),
+    Variant("softmax+yarn@eval", "softmax", rope_scaling=("yarn", "length")),
 ]}
+P_SWEEP = (1, 3, 7, 15, 31)
+"""The re-weighting powers of the p sweep (the paper's LSSAR uses p = 15)."""
+
+
+def p_sweep_names(p) -> tuple[str, str]:
+    """The variant names of power ``p``: LSSAR trained with p, and LSSA re-weighted with p only at inference."""
+    return ("lssar", "lssa+reweight@eval") if p == 15 else (f"lssar p={p:g}", f"lssa+reweight@eval p={p:g}")
+
+
+for _p in P_SWEEP:
+    if _p != 15:
+        VARIANTS[p_sweep_names(_p)[0]] = Variant(p_sweep_names(_p)[0], "lssar", {"p": float(_p)})
+        VARIANTS[p_sweep_names(_p)[1]] = Variant(p_sweep_names(_p)[1], "lssa", {}, "lssar", {"p": float(_p)})
 DEFAULT_VARIANTS = ("softmax", "lssa", "lssar", "lssa+reweight@eval", "ssmax")
+P_SWEEP_VARIANTS = tuple(name for p in P_SWEEP for name in p_sweep_names(p))
 
 
 def get_variants(names) -> list[Variant]:
+    """The variants of ``names``: names in :data:`VARIANTS` or :class:`Variant` objects (e.g. a window for L)."""
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)) or not names:
         raise ValueError(f"variants must be a non-empty list of variant names ({', '.join(VARIANTS)}), "
                          f"got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"variants must not repeat a name, got {list(names)}")
-    bad = [n for n in names if n not in VARIANTS]
+    keys = [n.name if isinstance(n, Variant) else n for n in names]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"variants must not repeat a name, got {keys}")
+    bad = [n for n in names if not isinstance(n, Variant) and n not in VARIANTS]
     if bad:
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, bad))}; valid variants: {', '.join(VARIANTS)}")
-    return [VARIANTS[n] for n in names]
+    out = [n if isinstance(n, Variant) else VARIANTS[n] for n in names]
+    from .attention.methods import resolve
+    from .evaluate import check_rope_scaling
+
+    for v in out:  # a Variant built by a caller is checked like the registered ones
+        resolve(v.method, dict(v.options))
+        if v.eval_method is not None:
+            resolve(v.eval_method, dict(v.eval_options or {}))
+        check_rope_scaling(v.rope_scaling)
+    return out
 
 
 def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="runs/extrapolation", results_dir=None,
@@ -108,7 +142,7 @@ def run_extrapolation(preset: str = "ci", variants=DEFAULT_VARIANTS, out_dir="ru
     for v in vs:
         cfg, summary = trained[v.run_name]
         res = evaluate_checkpoint(summary["checkpoint"], v.eval_method, v.eval_options, device=cfg.device,
-                                  preset=preset, factors=(evaluation or {}).get("factors"),
+                                  rope_scaling=v.rope_scaling, preset=preset, factors=(evaluation or {}).get("factors"),
                                   n_windows=(evaluation or {}).get("windows"),
                                   batch_size=(evaluation or {}).get("batch_size"), command=command or f"freeatten_core.experiments.run_extrapolation({preset!r})")
         res["variant"], res["preset"], res["training"] = v.name, preset, summary
@@ -286,10 +320,12 @@ def run_tasks(preset: str = "ci", variants=DEFAULT_TASK_VARIANTS, seeds=(0, 1, 2
             summary = trained[cfg.out_dir]
             res = evaluate_checkpoint(summary["checkpoint"], v.eval_method, v.eval_options, device=cfg.device,
                                       tasks=ecfg.tasks, factors=ecfg.factors, n_windows=ecfg.windows,
-                                      batch_size=ecfg.batch_size, seed=0, command=command)
+                                      batch_size=ecfg.batch_size, seed=0, command=command,
+                                      rope_scaling=v.rope_scaling)
+            task_results = {**({"loss": res["results"]} if "results" in res else {}), **res["tasks"]}
             runs.append({"variant": v.name, "seed": int(seed), "final_train_loss": summary["final_loss"],
                          "params": summary["params"], "steps": summary["steps"], "trained": res["trained"],
-                         "evaluated": res["evaluated"], "factors": res["factors"], "tasks": res["tasks"]})
+                         "evaluated": res["evaluated"], "factors": res["factors"], "tasks": task_results})
     out = {"preset": preset, "variants": [v.name for v in vs], "seeds": list(seeds), "tasks": list(ecfg.tasks),
            "factors": list(ecfg.factors), "block_size": runs[0]["trained"]["block_size"],
            "examples_per_length": ecfg.windows, "overrides": overrides or {}, "runs": runs,
@@ -311,6 +347,53 @@ def task_curve(result: dict, task: str, variant: str, metric: str = "accuracy"):
     return factors, values.mean(0), values.std(0, ddof=1) if len(runs) > 1 else np.zeros(len(factors)), values
 
 
+def check_ps(ps) -> tuple:
+    """A non-empty list of distinct re-weighting powers, each a valid LSSAR option ``p``."""
+    from .attention.methods import resolve
+
+    if isinstance(ps, (str, bytes)) or not isinstance(ps, (list, tuple)) or not ps:
+        raise ValueError(f"ps must be a non-empty list of powers p >= 1, got {ps!r}")
+    for p in ps:
+        resolve("lssar", {"p": p})  # raises naming the problem
+    if len(set(ps)) != len(ps):
+        raise ValueError(f"ps must not repeat a power, got {list(ps)}")
+    return tuple(ps)
+
+
+def p_sweep_variants(ps=P_SWEEP) -> list[Variant]:
+    """For each p: LSSAR trained with p, and LSSA (trained without re-weighting) re-weighted with p at inference."""
+    out = []
+    for p in check_ps(ps):
+        trained, inference = p_sweep_names(p)
+        out += [VARIANTS.get(trained) or Variant(trained, "lssar", {"p": float(p)}),
+                VARIANTS.get(inference) or Variant(inference, "lssa", {}, "lssar", {"p": float(p)})]
+    return out
+
+
+def run_p_sweep(preset: str = "ci", ps=P_SWEEP, seeds=(0, 1, 2), tasks=("loss",), **kwargs) -> dict:
+    """:func:`run_tasks` on :func:`p_sweep_variants` (the LSSA runs are trained once and shared by every
+    inference-only p); the result also records ``ps``. Read it with :func:`p_sweep_table`."""
+    res = run_tasks(preset, p_sweep_variants(ps), seeds, tasks, **kwargs)
+    res["ps"] = [float(p) for p in ps]
+    return res
+
+
+def p_sweep_table(result: dict, task: str = "loss", metric: str = "loss_last") -> list[dict]:
+    """One row per p of a result holding the p-sweep variants: ``p``, and for ``trained`` (LSSAR trained with p)
+    and ``inference`` (LSSA re-weighted with p at inference) the mean and standard deviation over seeds of
+    ``metric`` at each length, ``{k: (mean, std)}``."""
+    ps = result.get("ps") or [p for p in P_SWEEP if p_sweep_names(p)[0] in result["variants"]]
+    rows = []
+    for p in ps:
+        row = {"p": float(p)}
+        for key, name in zip(("trained", "inference"), p_sweep_names(p)):
+            if name in result["variants"]:
+                f, mean, std, _ = task_curve(result, task, name, metric)
+                row[key] = {int(k): (float(m), float(s)) for k, m, s in zip(f, mean, std)}
+        rows.append(row)
+    return rows
+
+
 TASK_CHANCE = {"passkey": 0.0, "recall": 0.1, "induction": 1 / 26}
 """Accuracy of a model that knows the answer format but nothing else (1e-5 for a five-digit key)."""
 TESTABLE_ABOVE_CHANCE = 0.1  # a claim is judged only when one of the two methods is this far above chance
@@ -328,8 +411,8 @@ def task_claims(result: dict) -> list[dict]:
     if not beyond:
         return rows
     for task in result["tasks"]:
-        if task == "loss":
-            continue
+        if "accuracy" not in result["runs"][0]["tasks"][task][str(result["factors"][0])]:
+            continue  # loss and streaming: no answers to be right about
         acc = {v: float(task_curve(result, task, v)[3][:, beyond].mean()) for v in ("softmax", "lssar")}
         chance = TASK_CHANCE.get(task, 0.0)
         testable = max(acc.values()) > chance + TESTABLE_ABOVE_CHANCE
@@ -460,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="results JSON, e.g. results/tasks/tasks_<preset>.json")
     k.add_argument("--progress", action="store_true")
 
+    w = sub.add_parser("psweep", help="the p sweep: LSSAR trained with p vs LSSA re-weighted with p at inference")
+    common(w, "ci")
+    w.add_argument("--ps", default=",".join(str(p) for p in P_SWEEP), help="comma-separated powers (default "
+                   + ",".join(str(p) for p in P_SWEEP) + ")")
+    w.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default 0,1,2)")
+    w.add_argument("--factors", default=None, help="comma-separated length multiples (default: the preset's)")
+    w.add_argument("--examples", type=int, default=None, help="validation windows per length (default: preset)")
+    w.add_argument("--run-dir", default=None, help="checkpoints and logs (default runs/psweep_<preset>)")
+    w.add_argument("--out", required=True, help="results JSON, e.g. results/tasks/psweep_<preset>.json")
+    w.add_argument("--progress", action="store_true")
+
     sub.add_parser("variants", help="list the variants of the extrapolation experiment")
     ap.set_defaults(parse_options=parse_options)
     return ap
@@ -496,6 +590,23 @@ def main(argv=None) -> int:
             _check_evaluation(args.preset, evaluation)
             out = atomic.check_output_file(args.out, "--out")
             run_dir = args.run_dir or f"runs/tasks_{args.preset}"
+        elif args.experiment == "psweep":
+            ps = []
+            for x in (x for x in args.ps.split(",") if x):
+                try:
+                    ps.append(float(x))
+                except ValueError:
+                    raise ValueError(f"--ps must be comma-separated numbers, got {x!r}") from None
+            check_ps(ps)
+            seeds = [_int_item("--seeds", x) for x in args.seeds.split(",") if x]
+            evaluation = {}
+            if args.factors is not None:
+                evaluation["factors"] = [_int_item("--factors", x) for x in args.factors.split(",") if x]
+            if args.examples is not None:
+                evaluation["windows"] = args.examples
+            _check_evaluation(args.preset, evaluation)
+            out = atomic.check_output_file(args.out, "--out")
+            run_dir = args.run_dir or f"runs/psweep_{args.preset}"
         elif args.experiment == "ablation":
             maps = [m for m in args.maps.split(",") if m]
             bad = [m for m in maps if m not in POSITIVITY_MAPS]
@@ -515,6 +626,7 @@ def main(argv=None) -> int:
         _check_overrides(overrides, {"extrapolation": ("out_dir", "attention", "attention_options", "progress"),
                                      "ablation": ("out_dir", "attention", "progress"),
                                      "tasks": ("out_dir", "attention", "attention_options", "progress", "seed"),
+                                     "psweep": ("out_dir", "attention", "attention_options", "progress", "seed"),
                                      "throughput": ("attention", "attention_options", "backend")}[args.experiment])
         config_from_preset(args.preset, **overrides)
     except (ValueError, TypeError) as e:
@@ -541,6 +653,14 @@ def main(argv=None) -> int:
                 verdict = {True: "reproduced", False: "NOT reproduced", None: "not testable"}[c["reproduced"]]
                 print(f"{verdict}: {c['claim']} ({c['measured']})")
             print(f"wrote {len(res['runs'])} runs to {out}")
+        elif args.experiment == "psweep":
+            res = run_p_sweep(args.preset, ps, seeds, out_dir=run_dir, results_path=out, overrides=overrides,
+                              evaluation=evaluation, progress=args.progress, command=command)
+            print("| p | " + " | ".join(f"{k}x trained / at inference" for k in res["factors"]) + " |")
+            for row in p_sweep_table(res):
+                print(f"| {row['p']:g} | " + " | ".join(
+                    f"{row['trained'][k][0]:.3f} / {row['inference'][k][0]:.3f}" for k in res["factors"]) + " |")
+            print(f"wrote {len(res['runs'])} runs to {out} (loss on the last L tokens, mean over seeds)")
         elif args.experiment == "ablation":
             rows = decomposition_ablation(args.preset, args.steps, maps, out_dir=run_dir, overrides=overrides,
                                           eval_windows=args.eval_windows)

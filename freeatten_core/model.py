@@ -46,6 +46,7 @@ class GPTConfig:
     backend: str = "auto"  # "auto" | "reference" | "triton"
     rope_base: float = 10000.0
     learn_ssmax_s: bool = True  # ssmax without an explicit s: learn one s per head (as in Scalable-Softmax)
+    learn_qk_scale: bool = True  # softmax_qknorm without an explicit s: learn one s per head (Henry et al. 2020)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -76,19 +77,79 @@ class GPTConfig:
 # ------------------------------------------------------------------------------------------------------------
 
 
+ROPE_SCALINGS: tuple[str, ...] = ("none", "ntk", "yarn")
+"""RoPE scaling kinds for :meth:`GPT.set_rope_scaling` (inference only: the weights are unchanged)."""
+
+YARN_ALPHA, YARN_BETA = 1.0, 32.0  # YaRN's ramp bounds (Peng et al. 2023, the values used for LLaMA)
+
+
+def check_rope_scaling(kind, factor) -> tuple[str, float]:
+    """``(kind, factor)`` checked: kind in :data:`ROPE_SCALINGS`, factor a finite number >= 1."""
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"unknown RoPE scaling kind {kind!r}; valid kinds: {', '.join(ROPE_SCALINGS)}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
+        raise ValueError(f"the RoPE scaling factor must be a finite number >= 1 (target length / training "
+                         f"length), got {factor!r}")
+    return kind, float(factor)
+
+
+def rope_frequencies(head_dim: int, base: float, kind: str = "none", factor: float = 1.0,
+                     original_length: int | None = None) -> tuple[torch.Tensor, float]:
+    """The rotation frequencies θ_i (float64, ``[D/2]``) and the q/k multiplier m of RoPE, scaled for inference at
+    ``factor`` (s) times the training length ``original_length`` (L). D = ``head_dim``, b = ``base``.
+
+    * ``none``: θ_i = b^(−2i/D), m = 1 (Su et al. 2021, RoFormer).
+    * ``ntk``: "NTK-aware" scaling (bloc97 2023; written out in Peng et al. 2023, YaRN, arXiv 2309.00071, §3.1):
+      the base grows to b' = b·s^(D/(D−2)), so the highest frequency is unchanged and the lowest is divided by s;
+      θ_i = b'^(−2i/D), m = 1.
+    * ``yarn``: YaRN (Peng et al. 2023, §3.2–3.4, "NTK-by-parts" interpolation and attention temperature): with
+      the wavelength λ_i = 2π/θ_i and r_i = L/λ_i rotations within the training length, the ramp
+      γ_i = clamp((r_i − α)/(β − α), 0, 1) (α = 1, β = 32) and θ'_i = (1 − γ_i)·θ_i/s + γ_i·θ_i: dimensions that
+      turn fewer than α times over L are interpolated (θ/s), more than β times are kept. Here written as
+      θ'_i = θ_i·(1 + γ_i·(s − 1))/s, the same value, and exactly θ_i at s = 1. The softmax temperature
+      √(1/t) = 0.1·ln s + 1 multiplies q and k (so q·k by 1/t). Methods that put q and k on the unit sphere
+      (LSSA, LSSAR, QK-norm) are unaffected by m.
+
+    At s = 1 every kind is the identity (θ_i and m = 1 exactly).
+    """
+    kind, factor = check_rope_scaling(kind, factor)
+    i = torch.arange(0, head_dim, 2, dtype=torch.float64)
+    if kind == "ntk":
+        base = base * factor ** (head_dim / (head_dim - 2))
+    theta = 1.0 / (base ** (i / head_dim))
+    if kind != "yarn":
+        return theta, 1.0
+    if original_length is None or original_length < 1:
+        raise ValueError(f"YaRN needs the training length (original_length >= 1), got {original_length!r}")
+    r = original_length * theta / (2 * math.pi)
+    gamma = ((r - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+    return theta * (1 + gamma * (factor - 1)) / factor, 0.1 * math.log(factor) + 1.0
+
+
 class Rotary(nn.Module):
     """RoPE (Su et al. 2021), "rotate-half" layout: channel i pairs with channel i + D/2.
 
     The cos/sin table is a non-persistent buffer that grows whenever a longer position is asked for, so there
-    is no maximum length, and checkpoints do not store it.
+    is no maximum length, and checkpoints do not store it. :meth:`set_scaling` switches NTK-aware or YaRN
+    scaling on (:func:`rope_frequencies`); ``forward(x, offset)`` rotates position ``offset + t``, and
+    ``forward(x, positions=...)`` any positions (the streaming cache rotates by slot in the cache).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.scaling, self.mscale = ("none", 1.0), 1.0
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.register_buffer("cos", torch.empty(0, head_dim // 2), persistent=False)
         self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
+
+    def set_scaling(self, kind: str = "none", factor: float = 1.0, original_length: int | None = None) -> None:
+        """Use the frequencies of :func:`rope_frequencies` from now on (the cos/sin table is rebuilt)."""
+        theta, self.mscale = rope_frequencies(self.head_dim, self.base, kind, factor, original_length)
+        self.scaling = (kind, float(factor))
+        self.inv_freq = theta.float().to(self.inv_freq.device)
+        self.cos, self.sin = self.cos[:0], self.sin[:0]
 
     def _grow(self, length: int) -> None:
         n = max(length, 2 * self.cos.shape[0], 256)
@@ -97,15 +158,21 @@ class Rotary(nn.Module):
         angles = torch.outer(t, self.inv_freq.double())  # [n, D/2]
         self.cos, self.sin = angles.cos().float(), angles.sin().float()
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` ``[B, H, T, D]`` whose first position is ``offset``."""
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate ``x`` ``[B, H, T, D]`` whose first position is ``offset`` (or whose positions are ``positions``,
+        ``[T]`` integers)."""
         T = x.shape[-2]
-        if offset + T > self.cos.shape[0] or self.cos.device != x.device:
-            self._grow(offset + T)
-        cos = self.cos[offset:offset + T].to(x.dtype)  # [T, D/2]
-        sin = self.sin[offset:offset + T].to(x.dtype)
+        end = offset + T if positions is None else int(positions.max()) + 1
+        if end > self.cos.shape[0] or self.cos.device != x.device:
+            self._grow(end)
+        if positions is None:
+            cos = self.cos[offset:offset + T].to(x.dtype)  # [T, D/2]
+            sin = self.sin[offset:offset + T].to(x.dtype)
+        else:
+            cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out if self.mscale == 1.0 else out * self.mscale
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -126,6 +193,11 @@ class CausalSelfAttention(nn.Module):
         self.ssmax_s = (nn.Parameter(torch.ones(cfg.n_head))
                         if cfg.attention == "ssmax" and "s" not in cfg.attention_options and cfg.learn_ssmax_s
                         else None)
+        # QK-norm learns its scale s per head, initialised to log2(L² − L) (Henry et al. 2020), unless s is given.
+        L = max(cfg.block_size, 2)
+        self.qk_scale = (nn.Parameter(torch.full((cfg.n_head,), math.log2(L * L - L)))
+                         if cfg.attention == "softmax_qknorm" and "s" not in cfg.attention_options
+                         and cfg.learn_qk_scale else None)
         # What forward calls; GPT.set_attention may swap it (e.g. train LSSA, evaluate with LSSAR re-weighting).
         # Per layer, never through the config, which all layers share.
         self.method, self.options, self.backend = cfg.attention, dict(cfg.attention_options), cfg.backend
@@ -134,19 +206,42 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
-        q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if cache is not None:  # keys/values of earlier positions, already rotated
-            if cache.get("k") is not None:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        if cache is not None and cache.get("window") is not None:
+            q, k, v = self._window_cache(q, k, v, cache)
+        else:
+            offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            if cache is not None:  # keys/values of earlier positions, already rotated
+                if cache.get("k") is not None:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
         options = dict(self.options)
         if self.method == "ssmax" and self.ssmax_s is not None and "s" not in options:
             options["s"] = self.ssmax_s.to(q.dtype)
+        if self.method == "softmax_qknorm" and self.qk_scale is not None and "s" not in options:
+            options["s"] = self.qk_scale.to(q.dtype)
         # Lq <= Lk with causal=True: queries are aligned to the last Lq keys (what the cache needs).
         y = attention_fn(q, k, v, method=self.method, causal=True, backend=self.backend, **options)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _window_cache(self, q, k, v, cache):
+        """A bounded cache (StreamingLLM, Xiao et al. 2023): it keeps the first ``sinks`` entries and the most recent
+        ``window - sinks``, unrotated; keys and the new queries are rotated by their slot in the cache, not by
+        their position in the text. While nothing has been evicted, slot = position (the full forward)."""
+        W, S = cache["window"], cache["sinks"]
+        if cache.get("k") is not None:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        n, T = k.shape[2], q.shape[2]
+        if n > W:
+            if T > 1:
+                raise ValueError(f"a windowed KV cache (window {W}) takes one token per step once it would "
+                                 f"overflow; got {T} new tokens with {n - T} cached")
+            k, v = (torch.cat([t[:, :, :S], t[:, :, n - (W - S):]], dim=2) for t in (k, v))
+            n = W
+        cache["k"], cache["v"] = k, v
+        slots = torch.arange(n, device=k.device)
+        return self.rotary(q, positions=slots[n - T:]), self.rotary(k, positions=slots), v
 
 
 class MLP(nn.Module):
@@ -233,9 +328,35 @@ class GPT(nn.Module):
     def attention_backend(self) -> str:
         return self.transformer.h[0].attn.backend
 
-    def new_cache(self) -> list[dict]:
-        """An empty KV cache: one dict per layer, filled by :meth:`forward` with rotated keys and values."""
-        return [{} for _ in self.transformer.h]
+    def new_cache(self, window: int | None = None, sinks: int = 0) -> list[dict]:
+        """An empty KV cache: one dict per layer, filled by :meth:`forward` with rotated keys and values.
+
+        ``window``: a bounded cache of at most ``window`` entries per layer, of which the first ``sinks`` tokens of
+        the text stay (attention sinks, Xiao et al. 2023, StreamingLLM) and the rest are the most recent tokens;
+        positions are slots in the cache (see ``CausalSelfAttention._window_cache``). Once full, it takes one
+        token per forward call.
+        """
+        if window is None:
+            if sinks:
+                raise ValueError(f"sinks ({sinks}) need a window: new_cache(window=W, sinks=s)")
+            return [{} for _ in self.transformer.h]
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"the KV window must be an integer >= 1 (cached tokens per layer), got {window!r}")
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks < window:
+            raise ValueError(f"sinks must be an integer with 0 <= sinks < window = {window}, got {sinks!r}")
+        return [{"window": window, "sinks": sinks} for _ in self.transformer.h]
+
+    def set_rope_scaling(self, kind: str = "none", factor: float = 1.0) -> None:
+        """Scale RoPE for inference beyond the training length L = ``cfg.block_size``: ``"ntk"`` (NTK-aware base)
+        or ``"yarn"`` (NTK-by-parts + temperature) at ``factor`` = target length / L; ``"none"`` (or factor 1)
+        restores plain RoPE. Formulas and sources: :func:`rope_frequencies`. The weights are unchanged."""
+        kind, factor = check_rope_scaling(kind, factor)
+        for block in self.transformer.h:
+            block.attn.rotary.set_scaling(kind, factor, self.cfg.block_size)
+
+    @property
+    def rope_scaling(self) -> tuple[str, float]:
+        return self.transformer.h[0].attn.rotary.scaling
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[dict] | None = None,
                 reduction: str = "mean"):

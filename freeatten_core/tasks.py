@@ -23,6 +23,10 @@ The tasks (:data:`TASKS`, the one place to add one; see the book's "Contributing
 * ``induction``: a random letter sequence of ``length/2`` tokens, then the same sequence again; the loss and
   accuracy on the second copy show whether the model copies from far back (Olsson et al. 2022). The loss on
   the first copy (unpredictable letters) is the baseline.
+* ``streaming`` / ``streaming_nosink``: the loss of the same validation windows read token by token through a
+  bounded KV cache of W = L entries (the training length) that keeps the first 4 tokens (attention sinks,
+  Xiao et al. 2023, StreamingLLM) or none (plain window attention); :class:`StreamingTask` takes any W and
+  number of sinks. With W >= the text length it is the full forward.
 """
 
 from __future__ import annotations
@@ -152,6 +156,76 @@ class LossTask(Task):
         L = examples.block_size
         return {"factor": examples.length // L, "length": examples.length, "windows": int(len(loss)),
                 "loss_window": float(per_pos.mean()), "loss_last": float(per_pos[-L:].mean()),
+                "loss_by_position": [round(float(x), 5) for x in per_pos]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Streaming: the loss of a long text read through a bounded KV cache, with and without attention sinks
+# ------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def stream_losses(model, tokens: torch.Tensor, window: int, sinks: int = 0, batch_size: int = 16, device=None,
+                  dtype: str = "auto") -> torch.Tensor:
+    """Per-target loss ``[n, T-1]`` (float64, CPU) of ``tokens`` ``[n, T]`` read through a KV cache of at most
+    ``window`` entries per layer, the first ``sinks`` of them the first tokens of the text
+    (:meth:`freeatten_core.model.GPT.new_cache`): the first ``window`` tokens in one forward pass, then one token
+    per step. Positions are slots in the cache, so no query is ever rotated beyond ``window``."""
+    from .runtime import autocast_for
+
+    batch_size = _check_count("batch_size", batch_size)
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    model.eval()
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        w = tokens[i:i + batch_size].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        cache = model.new_cache(window=window, sinks=sinks)
+        first = min(window, x.shape[1])
+        with autocast_for(device, dtype):
+            logits = [model(x[:, :first], cache=cache)[0]]
+            for t in range(first, x.shape[1]):
+                logits.append(model(x[:, t:t + 1], cache=cache)[0])
+        logits = torch.cat(logits, 1)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # as the model's own loss
+        out.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).double().cpu())
+    loss = torch.cat(out)
+    if not torch.isfinite(loss).all():
+        r, c = (int(v) for v in (~torch.isfinite(loss)).nonzero()[0])
+        raise FloatingPointError(f"the streamed loss of example {r} is {float(loss[r, c])} at position {c}: the "
+                                 f"model or its attention produces NaN/Inf on these inputs")
+    return loss
+
+
+class StreamingTask(Task):
+    """The ``loss`` task's validation windows of ``length`` = k·L tokens, read through a bounded KV cache of
+    ``window`` entries (default: L, the training length) that keeps the first ``sinks`` tokens. Reports the same
+    numbers as ``loss`` (``loss_window``, ``loss_last``, ``loss_by_position``), so the two compare directly."""
+    needs_data = True
+    length_multiple_of_L = True
+
+    def __init__(self, name: str = "streaming", window: int | None = None, sinks: int = 4):
+        if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral)
+                                   or window < 1):
+            raise ValueError(f"the streaming window must be an integer >= 1 (cached tokens), got {window!r}")
+        if isinstance(sinks, bool) or not isinstance(sinks, numbers.Integral) or sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
+        if window is not None and sinks >= window:
+            raise ValueError(f"sinks ({sinks}) must be fewer than the window ({window})")
+        self.name, self.window, self.sinks = name, window, int(sinks)
+
+    def make_examples(self, tokenizer, length, n, seed, *, data=None, block_size=None) -> Examples:
+        ex = LossTask().make_examples(tokenizer, length, n, seed, data=data, block_size=block_size)
+        window = block_size if self.window is None else self.window
+        if self.sinks >= window:
+            raise ValueError(f"task {self.name!r}: sinks ({self.sinks}) must be fewer than the window ({window})")
+        return Examples(self.name, ex.tokens, ex.span, {"window": window, "sinks": self.sinks}, block_size)
+
+    def score(self, model, examples, batch_size=16, device=None, dtype="auto") -> dict:
+        W, S = examples.meta["window"], examples.meta["sinks"]
+        per_pos = stream_losses(model, examples.tokens, W, S, batch_size, device, dtype).mean(0)
+        L = examples.block_size
+        return {"factor": examples.length // L, "length": examples.length, "windows": int(len(examples.tokens)),
+                "window": W, "sinks": S, "loss_window": float(per_pos.mean()), "loss_last": float(per_pos[-L:].mean()),
                 "loss_by_position": [round(float(x), 5) for x in per_pos]}
 
 
@@ -300,7 +374,9 @@ class InductionTask(Task):
 # The registry: add a task here (a Task subclass with make_examples and score) and everything else finds it
 # ------------------------------------------------------------------------------------------------------------
 
-TASKS: dict[str, Task] = {t.name: t for t in (LossTask(), PasskeyTask(), RecallTask(), InductionTask())}
+TASKS: dict[str, Task] = {t.name: t for t in (LossTask(), PasskeyTask(), RecallTask(), InductionTask(),
+                                                StreamingTask("streaming", sinks=4),
+                                                StreamingTask("streaming_nosink", sinks=0))}
 
 
 def get_task(name) -> Task:

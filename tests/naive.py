@@ -50,6 +50,13 @@ def row_weights(qi, K, n, method, opts):
         return _softmax(dot)
     if method == "ssmax":
         return _softmax(opts.get("s", 1.0) * math.log(n) * dot)
+    if method == "softmax_qknorm":
+        return _softmax(opts.get("s", 10.0) * cos)
+    if method == "softmax_window":  # the last `window` of the keys the row sees
+        w = np.zeros(n)
+        last = min(n, opts.get("window", 256))
+        w[n - last:] = _softmax(dot[n - last:])
+        return w
     if method == "lssa":
         f = _softplus(c * cos)
         return f / f.sum()

@@ -51,7 +51,8 @@ def test_checkpoint_evaluation_with_inference_only_reweighting(run):
     reweighted = E.evaluate_checkpoint(run, method="lssar", options={"p": 15.0}, **ev)
     assert as_trained["trained"]["method"] == reweighted["trained"]["method"] == "lssa"
     assert as_trained["evaluated"]["method"] == "lssa"
-    assert reweighted["evaluated"] == {"method": "lssar", "options": {"p": 15.0}, "backend": "auto"}
+    assert reweighted["evaluated"] == {"method": "lssar", "options": {"p": 15.0}, "backend": "auto",
+                                       "rope_scaling": None}
     assert as_trained["factors"] == [1, 2, 4]
     assert as_trained["results"]["4"]["loss_window"] != reweighted["results"]["4"]["loss_window"]
     prov = as_trained["provenance"]
@@ -148,7 +149,7 @@ def test_notebook_04_runs_through_papermill_and_writes_results(tmp_path):
     res = json.loads((tmp_path / "results" / "lssar.json").read_text())
     # notebook 04 has no evaluation parameter yet: the ci preset's evaluation (1x..16x) runs
     assert res["factors"] == [1, 2, 4, 8, 16] and res["provenance"]["command"].startswith("notebooks/04")
-    with pytest.raises(Exception, match="unknown variants"):
+    with pytest.raises(Exception, match="unknown variant"):
         pm.execute_notebook(str(root / "notebooks" / "04_training_extrapolation.ipynb"),
                             str(tmp_path / "bad.ipynb"), parameters=dict(variants=["lsssar"]),
                             kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)

@@ -41,6 +41,8 @@ _TABLE = [
     Method("sigmoid", "σ(q·k/√d − ln N_i)", "baseline", normalised=False),
     Method("relu", "ReLU(q·k/√d) / N_i", "baseline", normalised=False),
     Method("ssmax", "softmax(s·ln N_i·q·k/√d)", "baseline", {"s": 1.0}),
+    Method("softmax_qknorm", "softmax(s·q̂·k̂) (QK-norm)", "baseline", {"s": 10.0}),
+    Method("softmax_window", "softmax(q·k/√d) over the last W keys", "baseline", {"window": 256}),
     Method("linear", "ℓ1(φ(q)·φ(k)), φ = elu + 1", "baseline"),
 ]
 
@@ -88,7 +90,15 @@ def _check_s(s):
     return float(s)
 
 
-_CHECKS = {"p": _check_p, "offset_rows": _check_offset_rows, "s": _check_s}
+def _check_window(w):
+    if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+        raise TypeError(f"option window must be an integer >= 1 (keys per row), got {type(w).__name__} {w!r}")
+    if w < 1:
+        raise ValueError(f"option window must be >= 1 (the number of keys each query sees), got {w}")
+    return int(w)
+
+
+_CHECKS = {"p": _check_p, "offset_rows": _check_offset_rows, "s": _check_s, "window": _check_window}
 
 
 def resolve(method, options: dict) -> tuple[Method, dict]:

@@ -191,6 +191,31 @@ def _ssmax(q, k, N, mask, s):
     return masked_softmax(s * torch.log(N)[:, None] * dot_scores(q, k), mask)
 
 
+def _softmax_qknorm(q, k, N, mask, s):
+    # QK-norm (Henry et al. 2020, "Query-Key Normalization for Transformers"): softmax(s·q̂·k̂), q and k on the unit
+    # sphere and no 1/√d; s is a scalar or one value per head (the GPT learns one per head unless s is given).
+    s = torch.as_tensor(s, dtype=q.dtype, device=q.device)
+    s = s.reshape(1, -1, 1, 1) if s.ndim == 1 else s
+    return masked_softmax(s * (unit(q) @ unit(k).transpose(-1, -2)), mask)
+
+
+def window_mask(mask: torch.Tensor | None, Lk: int, window: int, device=None) -> torch.Tensor:
+    """The ``window`` most recent keys (highest index) among those each row sees: ``mask`` (None: every key) and
+    at most ``window`` visible keys counted from the right. With the causal rule, bottom-right aligned, query row
+    i at position a_i = i + Lk − Lq sees keys a_i − window < j <= a_i, N_i = min(a_i + 1, window) of them: the
+    sliding window. Without the causal rule it is the last ``window`` keys of the sequence."""
+    if mask is None:
+        mask = torch.ones(1, Lk, dtype=torch.bool, device=device)
+    newer = mask.flip(-1).cumsum(-1).flip(-1)  # visible keys at index >= j, j included
+    return mask & (newer <= window)
+
+
+def _softmax_window(q, k, N, mask, window):
+    # Sliding-window softmax (as in Longformer's local attention and Mistral): softmax over the last `window`
+    # keys each row sees. The NaN policy still treats every key the causal rule shows a row as a dependency.
+    return masked_softmax(dot_scores(q, k), window_mask(mask, k.shape[-2], window, device=q.device))
+
+
 def _lssa(q, k, N, mask):
     f = mask_fill(softplus(lss_scores(q, k, N)), mask, 0.0)
     return l1_normalise(f)
