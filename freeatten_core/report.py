@@ -152,6 +152,8 @@ def load_seed_runs(preset: str = "cpu", root=None) -> dict | None:
                 claims[seed] = json.loads((d / "claims.json").read_text()).get("claims", [])
     if not seeds:
         return None
+    order = [v for v in PAPER_ROWS if v in losses] + sorted(v for v in losses if v not in PAPER_ROWS)
+    losses = {v: losses[v] for v in order}
     return {"preset": preset, "seeds": seeds, "factors": factors, "losses": losses, "final_train_loss": final,
             "claims": claims, "provenance": provs, "path": SEEDS_DIR.format(preset=preset),
             "params": {"preset": preset}}
