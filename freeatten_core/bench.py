@@ -16,6 +16,14 @@ Lengths 1K…16K are timed; 32K and 64K only run once for peak memory. Out-of-me
 Results go to ``<out>/bench_<device>.json`` (with provenance) and ``<out>/bench_<device>.png``.
 ``--cpu-smoke`` runs tiny shapes on the CPU (kernels in the Triton interpreter, eager FlexAttention forward
 only) in seconds: it checks the plumbing and the JSON/plot, and its timings are not speed claims.
+
+``--decode`` times one decoding step instead: ``--queries`` new tokens (default 1) per sequence against a KV cache
+of each of ``--kv-lengths`` (default 1K…64K), with grouped queries (``--heads`` query heads, ``--kv-heads`` key/value
+heads; default 32 and 8, head dim 128, batch 4), forward only, no autograd. Implementations: ``triton`` (the
+split-key decoding kernel, through ``attention(..., backend="triton")``), ``sdpa`` (softmax, PyTorch SDPA with
+``enable_gqa``) and ``reference``. Reported per step: the median time, the peak memory above the inputs, and the
+K/V bytes of the cache over the time (GB/s: decoding is bound by reading the cache). Written to
+``<out>/decode_<device>.json`` (and ``.png``).
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ def _parse_count(minimum: int):
 DEFAULTS = dict(lengths=[1024, 2048, 4096, 8192, 16384], mem_lengths=[32768, 65536], head_dims=[64, 128], batch=4,
                 heads=16, warmup=5, reps=20)
 SMOKE = dict(lengths=[64], mem_lengths=[128], head_dims=[32], batch=1, heads=2, warmup=1, reps=2)
+DECODE_DEFAULTS = dict(kv_lengths=[1024, 2048, 4096, 8192, 16384, 32768, 65536], head_dims=[128], batch=4, heads=32,
+                       kv_heads=8, queries=1, warmup=10, reps=50)
+DECODE_SMOKE = dict(kv_lengths=[40, 70], head_dims=[32], batch=1, heads=4, kv_heads=2, queries=1, warmup=0, reps=1)
+DECODE_IMPLS = ("triton", "sdpa", "reference")
 
 
 def _parse_list(allowed):
@@ -99,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny CPU run (Triton interpreter, eager Flex forward): checks the plumbing in seconds")
+    dec = ap.add_argument_group("decoding (--decode)")
+    dec.add_argument("--decode", action="store_true",
+                     help="time one decoding step (few queries against a KV cache) instead of training shapes")
+    dec.add_argument("--kv-lengths", type=_parse_ints, default=None, help="KV cache lengths (default 1K..64K)")
+    dec.add_argument("--queries", type=_parse_count(1), default=None,
+                     help="new tokens per step, 1..16 (default 1)")
+    dec.add_argument("--kv-heads", type=_parse_count(1), default=None,
+                     help="key/value heads; must divide --heads (default 8, with 32 query heads)")
     return ap
 
 
@@ -349,18 +369,51 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def check_decode_args(args, argv) -> None:
+    """The --decode flags checked against each other (ValueError naming the problem); before any work."""
+    from .attention.api import DECODE_MAX_QUERIES
+
+    if not args.decode:
+        given = [f for f in ("--kv-lengths", "--queries", "--kv-heads") if any(a.split("=")[0] == f for a in argv)]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --decode")
+        return
+    for flag in ("--lengths", "--mem-lengths"):
+        if any(a.split("=")[0] == flag for a in argv):
+            raise ValueError(f"{flag} does not apply with --decode (use --kv-lengths)")
+    bad = [i for i in args.impls if i not in DECODE_IMPLS]
+    if bad:
+        raise ValueError(f"--decode times the implementations {', '.join(DECODE_IMPLS)}; not {', '.join(bad)}")
+    if args.queries > DECODE_MAX_QUERIES:
+        raise ValueError(f"--queries must be at most {DECODE_MAX_QUERIES} (the decoding kernel's limit), got "
+                         f"{args.queries}")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--kv-heads must divide --heads (grouped-query attention), got --heads {args.heads} and "
+                         f"--kv-heads {args.kv_heads}")
+    if min(args.kv_lengths) < args.queries:
+        raise ValueError(f"every --kv-lengths value must be >= --queries ({args.queries}): the new tokens are the "
+                         f"last positions of the cache, got {min(args.kv_lengths)}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    for name, value in (SMOKE if args.cpu_smoke else DEFAULTS).items():  # tiny shapes for --cpu-smoke
+    if args.decode:
+        defaults = DECODE_SMOKE if args.cpu_smoke else DECODE_DEFAULTS
+        if not any(a.split("=")[0] == "--impls" for a in argv):
+            args.impls = list(DECODE_IMPLS)
+    else:
+        defaults = SMOKE if args.cpu_smoke else DEFAULTS
+    for name, value in defaults.items():  # tiny shapes for --cpu-smoke
         if getattr(args, name) is None:
             setattr(args, name, value)
     from . import atomic
     from .attention.methods import resolve
 
     try:  # every value and the output folder checked before any work
+        check_decode_args(args, argv)
         resolve("lssar", {"p": args.p, "offset_rows": args.offset_rows})
         atomic.check_output_dir(args.out, "--out")
         atomic.remove_stale_temporaries(args.out)  # of a killed earlier run
@@ -383,6 +436,8 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}), " \
                                                              f"Triton interpreter"
+    if args.decode:
+        return decode_main(args, argv, device, dtype, device_name, cuda)
     if args.cpu_smoke:
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     else:  # one compiled FlexAttention per (method, head dim, length): keep them all instead of falling back
@@ -467,6 +522,159 @@ def main(argv=None) -> int:
         if r["L"] == 8192 or args.cpu_smoke:
             print(f"ratio fwd+bwd / sdpa  D={r['D']} L={r['L']} {r['impl']} {r['method']}: "
                   f"{r['fwdbwd_over_sdpa']:.2f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decoding: one step of --queries new tokens against a KV cache, forward only
+# --------------------------------------------------------------------------------------------------------
+
+
+def make_decode_impl(impl: str, method: str, p: float, offset_rows: int):
+    """f(q, k, v) for one decoding step: q [B, H, Lq, D], k/v [B, H_kv, Lk, D] (queries at the last positions)."""
+    from freeatten_core.attention import api
+
+    opts = {"p": p, "offset_rows": offset_rows} if method == "lssar" else {}
+    if impl == "triton":  # Lq <= 16 without autograd: the split-key decoding kernel
+        return lambda q, k, v: api.attention(q, k, v, method=method, causal=True, backend="triton", **opts)
+    if impl == "reference":
+        return lambda q, k, v: api.attention(q, k, v, method=method, causal=True, backend="reference", **opts)
+    if impl == "sdpa":
+        return lambda q, k, v: api.sdpa_softmax(q, k, v, True)
+    raise ValueError(f"unknown decoding implementation {impl!r}")
+
+
+def measure_decode(fn, q, k, v, warmup: int, reps: int, cuda: bool) -> dict:
+    """The median time of one step (ms) and its peak memory above the inputs (bytes), without autograd."""
+    import torch
+
+    res = {"status": "ok", "ms": None, "peak_mem_bytes": None, "error": None}
+    try:
+        with torch.no_grad():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            o = fn(q, k, v)
+            if cuda:
+                torch.cuda.synchronize()
+                res["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+            del o
+            res["ms"] = _time_ms(lambda: fn(q, k, v), warmup, reps, cuda)
+    except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
+        res["status"] = "oom" if _is_oom(e) else "error"
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if cuda:
+            torch.cuda.empty_cache()
+    return res
+
+
+def plot_decode(data: dict, path: Path) -> None:
+    """Step time and peak memory against the KV length, one column per head dim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = data["results"]
+    dims = sorted({r["D"] for r in res})
+    fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 7.5), squeeze=False)
+    for col, D in enumerate(dims):
+        for impl, method in sorted({(r["impl"], r["method"]) for r in res}):
+            rows = sorted((r for r in res if r["D"] == D and r["impl"] == impl and r["method"] == method),
+                          key=lambda r: r["Lk"])
+            t = [(r["Lk"], r["ms"]) for r in rows if r["ms"]]
+            m = [(r["Lk"], r["peak_mem_bytes"] / 2**20) for r in rows if r["peak_mem_bytes"]]
+            label, style = ("sdpa (softmax)", "--") if impl == "sdpa" else (f"{impl} {method}", "-")
+            if t:
+                axes[0, col].plot(*zip(*t), style, marker="o", label=label)
+            if m:
+                axes[1, col].plot(*zip(*m), style, marker="o", label=label)
+        for row, ylabel in ((0, "decoding step (ms, median)"), (1, "peak memory of a step (MiB)")):
+            ax = axes[row, col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("KV cache length")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        axes[0, col].set_title(f"head dim {D}")
+        axes[0, col].legend(fontsize=7)
+    c, prov = data["config"], data["provenance"]
+    fig.suptitle(f"{prov['device']} · {c['dtype']} · B={c['batch']} H={c['heads']} H_kv={c['kv_heads']} "
+                 f"Lq={c['queries']}\n{data['kind']} · torch {prov['torch']} · triton {prov['triton']} · "
+                 f"{(prov['git_commit'] or '?')[:8]} · {prov['date_utc']}", fontsize=8)
+    fig.tight_layout()
+    from .atomic import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)
+
+
+def decode_main(args, argv, device, dtype, device_name, cuda) -> int:
+    """``bench --decode``: every (head dim, KV length, implementation, method) once; JSON (+ plot) in --out."""
+    import torch
+
+    from . import atomic
+    from .provenance import provenance as _provenance
+
+    B, H, Hkv, Lq = args.batch, args.heads, args.kv_heads, args.queries
+    elem = torch.finfo(dtype).bits // 8
+    results = []
+    for D in args.head_dims:
+        for Lk in args.kv_lengths:
+            g = torch.Generator(device=device).manual_seed(Lk * 1000 + D)
+            try:
+                q = torch.randn(B, H, Lq, D, device=device, dtype=dtype, generator=g)
+                k, v = (torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+            except Exception as e:  # noqa: BLE001
+                if not _is_oom(e):
+                    raise
+                results += [dict(impl=i, method="-", D=D, Lk=Lk, status="oom", ms=None, peak_mem_bytes=None,
+                                 kv_gb_per_s=None, error="inputs do not fit") for i in args.impls]
+                continue
+            kv_bytes = 2 * B * Hkv * Lk * D * elem
+            for impl in args.impls:
+                for method in (["softmax"] if impl == "sdpa" else args.methods):
+                    r = measure_decode(make_decode_impl(impl, method, args.p, args.offset_rows), q, k, v,
+                                       args.warmup, args.reps, cuda)
+                    gbps = kv_bytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] else None
+                    results.append(dict(impl=impl, method=method, D=D, Lk=Lk, **r, kv_gb_per_s=gbps))
+                    mem = f"{r['peak_mem_bytes'] / 2**20:.1f} MiB" if r["peak_mem_bytes"] else "-"
+                    msg = f"{r['ms']:8.4f} ms {gbps:7.1f} GB/s" if r["ms"] else ""
+                    print(f"decode D={D:<4d} Lk={Lk:<6d} {impl:<9s} {method:<7s} {r['status']:<5s} {msg} peak {mem}"
+                          + (f"  [{r['error']}]" if r["error"] else ""), flush=True)
+            del q, k, v
+            if cuda:
+                torch.cuda.empty_cache()
+    sdpa = {(r["D"], r["Lk"]): r["ms"] for r in results if r["impl"] == "sdpa" and r["ms"]}
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": ("decode cpu-smoke (Triton interpreter: not a speed measurement)" if args.cpu_smoke
+                 else "decode gpu-benchmark"),
+        "provenance": {**_provenance(" ".join(["python -m freeatten_core bench", *map(shlex.quote, argv)]), device),
+                       "device": device_name},
+        "config": {"batch": B, "heads": H, "kv_heads": Hkv, "queries": Lq, "dtype": args.dtype,
+                   "kv_lengths": args.kv_lengths, "head_dims": args.head_dims, "methods": args.methods,
+                   "impls": args.impls, "p": args.p, "offset_rows": args.offset_rows, "warmup": args.warmup,
+                   "reps": args.reps, "causal": True,
+                   "kv_gb_per_s": "bytes of K and V in the cache (read once) over the step time"},
+        "results": results,
+        "ratios": [{"method": r["method"], "impl": r["impl"], "D": r["D"], "Lk": r["Lk"],
+                    "step_over_sdpa": r["ms"] / sdpa[(r["D"], r["Lk"])]}
+                   for r in results if r["impl"] != "sdpa" and r["ms"] and sdpa.get((r["D"], r["Lk"]))],
+    }
+    tag = args.tag or ("cpu-smoke" if args.cpu_smoke else _slug(device_name))
+    json_path = args.out / f"decode_{tag}.json"
+    atomic.write_json(json_path, data)
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        png = args.out / f"decode_{tag}.png"
+        plot_decode(data, png)
+        print(f"wrote {png}")
+    for r in data["ratios"]:
+        print(f"ratio step / sdpa  D={r['D']} Lk={r['Lk']} {r['impl']} {r['method']}: {r['step_over_sdpa']:.2f}")
     return 0
 
 

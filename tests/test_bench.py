@@ -75,3 +75,55 @@ def test_bad_arguments_are_clear_errors(capsys):
     if not torch.cuda.is_available():
         assert bench.main([]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_decode_cpu_smoke_writes_json_and_plot(tmp_path):
+    assert bench.main(["--decode", "--cpu-smoke", "--queries", "3", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "decode_cpu-smoke.json").read_text())
+    assert "not a speed measurement" in data["kind"] and data["kind"].startswith("decode")
+    assert data["provenance"]["command"].startswith("python -m freeatten_core bench --decode --cpu-smoke")
+    cfg = data["config"]
+    assert (cfg["heads"], cfg["kv_heads"], cfg["queries"]) == (bench.DECODE_SMOKE["heads"],
+                                                                bench.DECODE_SMOKE["kv_heads"], 3)
+    assert cfg["heads"] % cfg["kv_heads"] == 0 and cfg["heads"] > cfg["kv_heads"]  # grouped queries
+    res = data["results"]
+    assert {(r["impl"], r["method"]) for r in res} == {("triton", "lssa"), ("triton", "lssar"), ("sdpa", "softmax"),
+                                                        ("reference", "lssa"), ("reference", "lssar")}
+    assert all(r["status"] == "ok" for r in res), [r["error"] for r in res if r["status"] != "ok"]
+    assert {r["Lk"] for r in res} == set(bench.DECODE_SMOKE["kv_lengths"])
+    assert all(r["ms"] > 0 and r["kv_gb_per_s"] > 0 for r in res)
+    assert {(r["impl"], r["Lk"]) for r in data["ratios"]} >= {("triton", L) for L in cfg["kv_lengths"]}
+    assert (tmp_path / "decode_cpu-smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_step_runs_the_decoding_kernel(monkeypatch):
+    from freeatten_core.attention import decode_kernels
+
+    calls = []
+    real = decode_kernels.decode
+    monkeypatch.setattr(decode_kernels, "decode", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    q, k, v = (torch.randn(1, h, n, 16) for h, n in ((4, 1), (2, 20), (2, 20)))
+    r = bench.measure_decode(bench.make_decode_impl("triton", "lssar", 15.0, 3), q, k, v, 0, 1, False)
+    assert r["status"] == "ok" and calls
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--decode", "--kv-heads", "3", "--heads", "8"], "--kv-heads must divide --heads"),
+    (["--decode", "--queries", "17"], "--queries must be at most 16"),
+    (["--decode", "--impls", "flex"], "--decode times the implementations triton, sdpa, reference; not flex"),
+    (["--decode", "--lengths", "64"], "--lengths does not apply with --decode"),
+    (["--decode", "--queries", "8", "--kv-lengths", "4,64"], "every --kv-lengths value must be >= --queries"),
+    (["--kv-heads", "2"], "--kv-heads only apply with --decode"),
+    (["--kv-lengths", "64"], "--kv-lengths only apply with --decode"),
+])
+def test_decode_bad_arguments_are_clear_errors(tmp_path, capsys, argv, message):
+    assert bench.main([*argv, "--cpu-smoke", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # checked before any work
+
+
+def test_decode_argument_parsing(capsys):
+    for bad in (["--decode", "--queries", "0"], ["--decode", "--kv-lengths", "1k"], ["--decode", "--kv-heads", "x"]):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        assert "error" in capsys.readouterr().err
