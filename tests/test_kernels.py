@@ -239,13 +239,18 @@ def test_strided_inputs():
 
 
 def test_forward_without_grad_and_expanded_grad_output():
-    # inference (no autograd graph) gives the same output; a stride-0 dO (from o.sum().backward()) works
+    # inference (no autograd graph) gives the same output up to float32 rounding (the forward that a backward
+    # follows forms y^p as y^(p−1)·y, because it needs y^(p−1), inference as y^p directly: a few ulps of the
+    # weights); a stride-0 dO (from o.sum().backward()) works
     q, k, v, _ = make_inputs(1, 2, 30, 30, 32, torch.float32, seed=4)
     with torch.no_grad():
         o_ng = freeatten_core.attention(q, k, v, method="lssar", backend="triton")
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     o = freeatten_core.attention(qs, ks, vs, method="lssar", backend="triton")
-    assert torch.equal(o_ng, o.detach())
+    assert_close("o without grad", o_ng, o.detach(), 2e-6)
+    with torch.no_grad():
+        o_lssa = freeatten_core.attention(q, k, v, method="lssa", backend="triton")
+    assert torch.equal(o_lssa, freeatten_core.attention(qs, ks, vs, method="lssa", backend="triton").detach())
     o.sum().backward()
     ref = run_reference(q, k, v, torch.ones_like(o), "lssar", True)
     for name, x, r in zip(("dq", "dk", "dv"), (qs.grad, ks.grad, vs.grad), ref[1:]):
@@ -359,7 +364,8 @@ def test_yardstick_softmax_kernels(causal):
         q, k, v, do = make_inputs(B, H, Lq, Lk, D, torch.float32, seed=Lq)
         got = yk.softmax_attention(q, k, v, causal, do, tiles=(64, 64))
         ref = run_reference(q, k, v, do, "softmax", causal)
-        for name, x, r in zip(("o", "dq", "dk", "dv"), got, ref):
+        for name, x, r in zip(("o", "dq", "dk", "dv", "dq (one pass)", "dk (one pass)", "dv (one pass)"), got,
+                              ref + ref[1:]):
             assert_close(name, x, r, 1e-5 if name == "o" else 1e-4)
 
 
@@ -442,3 +448,36 @@ def test_p_above_p_max_is_a_clear_error():
     with pytest.raises(ValueError, match="P_MAX"):
         tk.attention(q, k, v, "lssar", True, p=tk.P_MAX * 1.5)
     tk.attention(q, k, v, "lssar", True, p=tk.P_MAX)  # the limit itself is accepted
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+def test_one_pass_and_deterministic_backward_agree(method, monkeypatch):
+    # the default backward (one pass, dq through float32 atomics; LSSAR's row term from the forward's W and G)
+    # and the two-kernel backward that torch.use_deterministic_algorithms(True) selects: both against float64,
+    # and against each other
+    q, k, v, do = make_inputs(2, 2, 77, 77, 32, torch.float32, seed=5)
+    monkeypatch.delenv("FREEATTEN_DETERMINISTIC", raising=False)
+    assert not tk.deterministic_backward()
+    one, _ = check(q, k, v, do, method, True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tk.deterministic_backward()
+        two, _ = check(q, k, v, do, method, True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), one, two):
+        assert_close(name, a, b, 2e-5)
+    monkeypatch.setenv("FREEATTEN_DETERMINISTIC", "1")
+    assert tk.deterministic_backward()
+
+
+def test_lssar_forward_keeps_w_only_for_a_backward():
+    # W (for the one-pass backward's row term) is computed only when a gradient will be asked for
+    q, k, v, _ = make_inputs(1, 1, 20, 20, 16, torch.float32)
+    qh, kh = reference.unit(q), reference.unit(k)
+    c2, tau = tk._row_constants(20, 20, 16, True, q.device)
+    qs = (qh * c2[:, None]).contiguous()
+    _, _, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=False)
+    assert w is None
+    _, stats, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=True)
+    assert w is not None and w.shape == q.shape and torch.isfinite(w).all() and torch.isfinite(stats).all()

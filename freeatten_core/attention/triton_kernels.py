@@ -329,16 +329,37 @@ def _fwd_pass1_tile(b_q, k, v, o_i, o_j, Lk, off, b_Z, b_T, b_acc,
 
 
 @triton.jit
-def _fwd_pass2_tile(b_q, k, v, o_i, o_j, Lk, off, b_a, b_b, ok, P, b_U, b_acc,
-                    D: tl.constexpr, CAUSAL: tl.constexpr, P_INT: tl.constexpr, DEG: tl.constexpr,
-                    QK_DT: tl.constexpr, PV_DT: tl.constexpr, MASKED: tl.constexpr):
-    # u = ReLU(y)^p ∈ [0, 1] with y = a·f − b (LSSA rows: u = f); acc += u·v, U += Σ u
+def _row_sum(x, PV_DT: tl.constexpr):
+    # Σ_j x_ij as a [BM, 16] tile (every column the same). Half-precision operands: on the tensor cores, x times a
+    # column of ones, summing exactly the rounded values that the P·V product uses; float32: on the FMA units
+    if PV_DT == 0:
+        r = tl.sum(x, 1)[:, None] + tl.zeros([x.shape[0], 16], dtype=tl.float32)
+    else:
+        r = _dot(x, tl.full([x.shape[1], 16], 1.0, tl.float32), PV_DT)
+    return r
+
+
+@triton.jit
+def _fwd_pass2_tile(b_q, k, v, o_i, o_j, Lk, off, b_a, b_b, ok, P, b_U, b_acc, b_G, b_W,
+                    D: tl.constexpr, CAUSAL: tl.constexpr, P_INT: tl.constexpr, PM1_INT: tl.constexpr,
+                    DEG: tl.constexpr, QK_DT: tl.constexpr, PV_DT: tl.constexpr, GRAD: tl.constexpr,
+                    MASKED: tl.constexpr):
+    # u = ReLU(y)^p ∈ [0, 1] with y = a·f − b (LSSA rows: u = f); acc += u·v, U += Σ u. GRAD (the backward
+    # follows): also g = y^(p−1), W += g·v and G += Σ g, from which the backward forms its row term R_i without a
+    # pass of its own (u = g·y: one product more than y^p alone)
     b_f = _softplus2(_scores(b_q, k, o_i, o_j, Lk, off, D, CAUSAL, QK_DT, MASKED), DEG)
     b_y = tl.maximum(b_a[:, None] * b_f - b_b[:, None], 0.0)
-    b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
-    b_U += tl.sum(b_u, 1)
-    b_acc += _dot(b_u, _values(v, o_j, Lk, D, PV_DT, MASKED), PV_DT)
-    return b_U, b_acc
+    b_v = _values(v, o_j, Lk, D, PV_DT, MASKED)
+    if GRAD:
+        b_g = _pow(b_y, P - 1.0, PM1_INT)
+        b_u = tl.where(ok[:, None], b_g * b_y, b_f)
+        b_G += _row_sum(b_g, PV_DT)
+        b_W += _dot(b_g, b_v, PV_DT)
+    else:
+        b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
+    b_U += _row_sum(b_u, PV_DT)
+    b_acc += _dot(b_u, b_v, PV_DT)
+    return b_U, b_acc, b_G, b_W
 
 
 @triton.jit
@@ -370,15 +391,16 @@ def _dq_tile(b_q, b_do, k, kd, v, o_i, o_j, Lk, off, b_w, b_wd, b_a, b_b, P, b_a
 
 @triton.jit
 def lssa_fwd_kernel(
-    q, k, v, o, stats, tau,
+    q, k, v, o, stats, tau, w,
     Lq, Lk, off, offset_rows, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, DEG: tl.constexpr,
-    QK_DT: tl.constexpr, PV_DT: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
+    QK_DT: tl.constexpr, PV_DT: tl.constexpr, GRAD: tl.constexpr,
 ):
     # one program: BM query rows of one (batch, head). q [BH, Lq, D] (= c·log2(e)·q̂), k [BH, Lk, D] (= k̂),
     # v [BH, Lk, D], o [BH, Lq, D] float32, tau [Lq] (LSSAR's uniform-row threshold τ_i),
-    # stats [3, BH·Lq] = (1/Z, a, b) per row for the backward (n_rows = BH·Lq; a = 0 marks an LSSA row).
+    # stats [4, BH·Lq] = (1/Z, a, b, G) per row for the backward (n_rows = BH·Lq; a = 0 marks an LSSA row) and,
+    # LSSAR with GRAD, w [BH, Lq, D] = W_i = Σ_j g_ij v_j and G_i = Σ_j g_ij, g = y^(p−1) of the final y.
     # Every input is finite here (the host routes non-finite inputs around the kernels: see `attention`).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the last row tiles have the most keys, start them first
     i_bh = tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
@@ -417,17 +439,27 @@ def lssa_fwd_kernel(
         b_rden = 1.0 / tl.where(ok, b_den, 1.0)
         b_a = tl.where(ok, b_N * b_rden, 0.0)
         b_b = tl.where(ok, b_O * b_Z * b_rden, -1.0)
-        b_U = tl.zeros([BM], dtype=tl.float32)
+        b_U2 = tl.zeros([BM, 16], dtype=tl.float32)
+        b_G2 = tl.zeros([BM, 16], dtype=tl.float32)
+        b_W = tl.zeros([BM, D], dtype=tl.float32)
         # pass 2: u = ReLU(y)^p ∈ [0, 1], acc = Σ u·v, U = Σ u   (LSSA rows: u = f). Masked: t = −inf, f = 0,
         # y = ReLU(−b) = 0 (b >= 0 on re-weighted rows), so u = 0 either way
         for j0 in range(0, n_full, BN):
-            b_U, b_acc = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P, b_U,
-                                         b_acc, D, CAUSAL, P_INT, DEG, QK_DT, PV_DT, False)
+            b_U2, b_acc, b_G2, b_W = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P,
+                                                     b_U2, b_acc, b_G2, b_W, D, CAUSAL, P_INT, PM1_INT, DEG, QK_DT,
+                                                     PV_DT, GRAD, False)
         for j0 in range(n_full, hi, BN):
-            b_U, b_acc = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P, b_U,
-                                         b_acc, D, CAUSAL, P_INT, DEG, QK_DT, PV_DT, True)
-        b_a = tl.where(ok, b_a * tl.math.exp2(-tl.math.log2(b_U) / P), 0.0)  # a' = a·U^(-1/p): y'^p = P
-        b_b = tl.where(ok, b_b * tl.math.exp2(-tl.math.log2(b_U) / P), -1.0)
+            b_U2, b_acc, b_G2, b_W = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P,
+                                                     b_U2, b_acc, b_G2, b_W, D, CAUSAL, P_INT, PM1_INT, DEG, QK_DT,
+                                                     PV_DT, GRAD, True)
+        b_U = tl.max(b_U2, 1)
+        b_s = tl.math.exp2(-tl.math.log2(b_U) / P)  # U^(-1/p)
+        b_a = tl.where(ok, b_a * b_s, 0.0)  # a' = a·U^(-1/p): y'^p = P
+        b_b = tl.where(ok, b_b * b_s, -1.0)
+        if GRAD:  # g' = y'^(p−1) = g·U^(-(p−1)/p)
+            b_gs = tl.where(ok, tl.math.exp2(-tl.math.log2(b_U) * ((P - 1.0) / P)), 0.0)
+            tl.store(w + p_q, b_W * b_gs[:, None], mask=m_i[:, None])
+            tl.store(stats + i_bh * Lq + o_i + 3 * n_rows, tl.max(b_G2, 1) * b_gs, mask=m_i)
     else:
         b_a = tl.zeros([BM], dtype=tl.float32)
         b_b = tl.zeros([BM], dtype=tl.float32) - 1.0
@@ -617,6 +649,104 @@ def lssa_bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------
+# Backward in one pass (the default): the dK/dV kernel's loop also forms dq̃ᵀ_tile = k̂ᵀ·dt and adds it to dq with
+# float32 atomics, so every attention element is recomputed once in the backward instead of twice (once per
+# kernel above). What made a pass of its own necessary, LSSAR's row term R_i = O_i/N_i·Σ_j t_ij, needs the
+# whole row; it equals O_i/N_i·p·a'_i·(dO_i·W_i − D_i·G_i) with W_i = Σ_j g_ij v_j and G_i = Σ_j g_ij, which the
+# forward accumulates on its second pass (g = y^(p−1) is on the way to y^p), so the host forms R_i and every other
+# per-row quantity with a few O(L·d) tensor operations before the kernel runs. The atomics make the float32
+# summation order of dq vary from run to run; torch.use_deterministic_algorithms(True) selects the two kernels
+# above instead, whose results are bitwise reproducible.
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, o_i, o_j, Lq, Lk, off, P, b_dk, b_dv,
+              D: tl.constexpr, CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr,
+              DEG: tl.constexpr, QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr,
+              PRESCALE: tl.constexpr, MASKED: tl.constexpr):
+    # one [BN keys, BM query rows] tile: dv += Σ_i P_ij dO_i, dk += Σ_i dt_ij q̃_i, dq_i += Σ_j dt_ij k̂_j (atomics)
+    o_d = tl.arange(0, D)
+    m_i = o_i < Lq  # rows past Lq load 0 everywhere: P = 0, dt = 0
+    p_t = o_i[None, :] * D + o_d[:, None]
+    b_qt = _ld(q + p_t, m_i[None, :], QK_DT)  # [D, BM]
+    b_qd = _ld(qd + p_t, m_i[None, :], DS_DT)  # [D, BM]
+    b_dot = _ld(do + p_t, m_i[None, :], PV_DT)  # [D, BM]
+    b_wd = tl.load(rows + o_i, mask=m_i, other=0.0)  # w·D
+    b_t = _dot(b_k, b_qt, QK_DT)  # [BN, BM]
+    if MASKED:  # a masked score is −inf: f = 0, σ = 0 and y = ReLU(−b) = 0, so P = 0 and dt = 0
+        b_t = tl.where(tl.trans(_visible(o_i, o_j, Lk, off, CAUSAL)), b_t, float("-inf"))
+    b_dp = _dot(b_v, b_dot, PV_DT)  # [BN, BM]
+    b_f = _softplus2(b_t, DEG)
+    b_sig = _sigmoid2(b_t, b_f)
+    if REWEIGHT:
+        # rows = (w·D, w, a', b', A, B, R): y = a'f − b', g = y^(p−1), P = g·(A f − B) (A, B = a', b' on re-weighted
+        # rows; 1/Z, 0 on rows that keep LSSA weights, where y = 1), dt = (g·(w dP − w·D) − R)·σ
+        b_w = tl.load(rows + n_rows + o_i, mask=m_i, other=0.0)
+        b_a = tl.load(rows + 2 * n_rows + o_i, mask=m_i, other=0.0)
+        b_b = tl.load(rows + 3 * n_rows + o_i, mask=m_i, other=0.0)
+        b_A = tl.load(rows + 4 * n_rows + o_i, mask=m_i, other=0.0)
+        b_B = tl.load(rows + 5 * n_rows + o_i, mask=m_i, other=0.0)
+        b_R = tl.load(rows + 6 * n_rows + o_i, mask=m_i, other=0.0)
+        b_g = _pow(tl.maximum(b_a[None, :] * b_f - b_b[None, :], 0.0), P - 1.0, PM1_INT)
+        b_p = b_g * (b_A[None, :] * b_f - b_B[None, :])
+        b_ds = (b_g * (b_dp * b_w[None, :] - b_wd[None, :]) - b_R[None, :]) * b_sig
+    elif PRESCALE:  # do holds dO/Z: P = f, dt = (dO/Z·v − w·D)·σ
+        b_p = b_f
+        b_ds = (b_dp - b_wd[None, :]) * b_sig
+    else:  # rows = (w·D, 1/Z)
+        b_iz = tl.load(rows + n_rows + o_i, mask=m_i, other=0.0)
+        b_p = b_f * b_iz[None, :]
+        b_ds = (b_dp * b_iz[None, :] - b_wd[None, :]) * b_sig
+    b_dv += _dot(b_p, tl.trans(b_dot), PV_DT)  # [BN, D]
+    b_dk += _dot(b_ds, tl.trans(b_qd), DS_DT)  # [BN, D]
+    b_dqt = _dot(tl.trans(b_kd), b_ds, DS_DT)  # [D, BM]
+    tl.atomic_add(dq + p_t, b_dqt, mask=m_i[None, :], sem="relaxed")
+    return b_dk, b_dv
+
+
+@triton.jit
+def lssa_bwd_kernel(
+    q, qd, k, kd, v, do, rows, dq, dk, dv,
+    Lq, Lk, off, P, n_rows,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
+    QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
+):
+    # one program: BN keys of one (batch, head), looping over the query tiles that see them, as the dK/dV kernel
+    # does; dq [BH, Lq, D] float32 must be zero on entry. rows [7 | 2 | 1, BH·Lq]: the per-row quantities the host
+    # formed (see _bwd_tile). kd: k̂ in the dS products' operand type.
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
+    o_d = tl.arange(0, D)
+    m_j = o_j < Lk
+    p_k = i_bh * Lk * D + o_j[:, None] * D + o_d[None, :]
+    b_k = _ld(k + p_k, m_j[:, None], QK_DT)  # [BN, D]
+    b_kd = _ld(kd + p_k, m_j[:, None], DS_DT)  # [BN, D]
+    b_v = _ld(v + p_k, m_j[:, None], PV_DT)  # [BN, D]
+    q += i_bh * Lq * D
+    qd += i_bh * Lq * D
+    do += i_bh * Lq * D
+    dq += i_bh * Lq * D
+    rows += i_bh * Lq
+
+    b_dk = tl.zeros([BN, D], dtype=tl.float32)
+    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
+    for i0 in range(lo, mid, BM):  # edge tiles
+        b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                               off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
+                               True)
+    for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
+        b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                               off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
+                               False)
+
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
+    tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------
 
@@ -698,51 +828,108 @@ def _row_constants(Lq: int, Lk: int, D: int, causal: bool, device):
     return ((c * LOG2E).to(device=device, dtype=torch.float32), tau.to(device=device, dtype=torch.float32))
 
 
-def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int):
+def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int, grad: bool = False):
     """Forward launch. qs = c·log2(e)·q̂ and ks = k̂ [B, H, Lq|Lk, D] (float32, or float16 for half inputs), v
     [B, H, Lk, D]. Returns o [B, H, Lq, D] in float32 (the backward's D_i = dO_i·o_i needs it unrounded: with
-    p = 15 an error in D_i is amplified p-fold) and stats [3, B·H, Lq] float32."""
+    p = 15 an error in D_i is amplified p-fold), stats [4, B·H, Lq] float32 (1/Z, a', b', G) and, for LSSAR with
+    ``grad`` (a backward will follow), W [B, H, Lq, D] float32 (else None): see :func:`lssa_bwd`."""
     B, H, Lq, D = qs.shape
     Lk = ks.shape[2]
     o = _new((B, H, Lq, D), torch.float32, qs.device)
-    stats = _new((3, B * H, Lq), torch.float32, qs.device)
+    stats = _new((4, B * H, Lq), torch.float32, qs.device)
+    grad = bool(grad and reweight)
+    w = _new((B, H, Lq, D), torch.float32, qs.device) if grad else o  # (o: a placeholder the kernel never writes)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
     _launch(lssa_fwd_kernel, "fwd", Lq, B * H,
-            (qs, ks, v, o, stats, tau, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
-            dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), DEG=_degree(v.dtype), QK_DT=qk_dt,
-                 PV_DT=pv_dt))
-    return o, stats
+            (qs, ks, v, o, stats, tau, w, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
+            dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), PM1_INT=_pm1(p), DEG=_degree(v.dtype),
+                 QK_DT=qk_dt, PV_DT=pv_dt, GRAD=grad))
+    return o, stats, (w if grad else None)
 
 
-def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int):
-    """Backward launches: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel.
-    Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype)."""
+def _pm1(p: float) -> int:
+    """p − 1 as an integer constexpr (see :func:`_int_p`), or -1 for the general power."""
+    return _int_p(p) - 1 if _int_p(p) >= 1 else -1
+
+
+def deterministic_backward() -> bool:
+    """Whether the backward runs as two kernels without atomics (bitwise reproducible; one more recomputation of
+    every attention element) instead of one pass with float32 atomics for dq: under
+    ``torch.use_deterministic_algorithms(True)`` or with ``FREEATTEN_DETERMINISTIC=1``."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FREEATTEN_DETERMINISTIC", "0") == "1"
+
+
+def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int, w=None):
+    """Backward. Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype).
+
+    One pass (:func:`lssa_bwd_kernel`, dq through float32 atomics) after a few per-row tensor operations here;
+    LSSAR needs the forward's W (``lssa_fwd(..., grad=True)``). With :func:`deterministic_backward`, or without W,
+    the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
     B, H, Lq, D = qs.shape
     Lk = ks.shape[2]
     do = do.contiguous()
     dev = qs.device
-    dq = _new((B, H, Lq, D), torch.float32, dev)
     dk = _new((B, H, Lk, D), torch.float32, dev)
     dv = _new((B, H, Lk, D), v.dtype, dev)
-    delta = _new((B * H, Lq), torch.float32, dev)
-    rterm = _new((B * H, Lq), torch.float32, dev)
     qk_dt, pv_dt, ds_dt = _dot_types(v.dtype)
-    pm1 = _int_p(p) - 1 if _int_p(p) >= 1 else -1
     prescale = _prescale(reweight, pv_dt)
-    common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=pm1, DEG=_degree(v.dtype), QK_DT=qk_dt,
+    common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=_pm1(p), DEG=_degree(v.dtype), QK_DT=qk_dt,
                   PV_DT=pv_dt, DS_DT=ds_dt, PRESCALE=prescale)
-    # LSSA: dO/Z, written by the dQ kernel for the dK/dV kernel (bfloat16 operands: stored so; else float32)
-    dos = _new((B, H, Lq, D), torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32, dev) if prescale else do
     # q̂ and k̂ once more in the dS products' operand type (see the kernels); the same tensor where they agree
     half = ds_dt == _DT_BF16 and qs.dtype != torch.bfloat16
     kd = ks.to(torch.bfloat16) if half else ks
     qd = qs.to(torch.bfloat16) if half else qs
+    dos_dtype = torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32
+    if not deterministic_backward() and (w is not None or not reweight):
+        dq = torch.zeros((B, H, Lq, D), dtype=torch.float32, device=dev)  # the atomics accumulate into it
+        rows, dos = _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, causal, Lk, pv_dt, dos_dtype)
+        _launch(lssa_bwd_kernel, "dkdv", Lk, B * H,
+                (qs, qd, ks, kd, v, dos, rows, dq, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
+        return dq, dk, dv
+    dq = _new((B, H, Lq, D), torch.float32, dev)
+    delta = _new((B * H, Lq), torch.float32, dev)
+    rterm = _new((B * H, Lq), torch.float32, dev)
+    # LSSA: dO/Z, written by the dQ kernel for the dK/dV kernel (bfloat16 operands: stored so; else float32)
+    dos = _new((B, H, Lq, D), dos_dtype, dev) if prescale else do
     _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
             (qs, ks, kd, v, o, do, dos, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
             common)
     _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
             (qs, qd, ks, v, dos, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
     return dq, dk, dv
+
+
+def _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, causal, Lk, pv_dt, dos_dtype):
+    """The per-row quantities of the one-pass backward, float32 [n, B·H·Lq] (see :func:`_bwd_tile`), and the dO
+    operand it reads (dO/Z rounded to the operand type for LSSA with PRESCALE, else dO)."""
+    B, H, Lq, D = o.shape
+    iz = stats[0].view(B, H, Lq)
+    dof = do.float()
+    if prescale:  # D_i from the rounded dO/Z, so that dP − D stays an exact difference (see the dQ kernel)
+        dos = _round_like_operand(dof * iz[..., None], pv_dt, dos_dtype)
+        return (dos.float() * o).sum(-1).reshape(1, -1).contiguous(), dos
+    delta = (dof * o).sum(-1)  # D_i = dO_i·o_i
+    if not reweight:
+        return torch.stack([iz * delta, iz]).reshape(2, -1).contiguous(), do
+    a, b, G = (stats[r].view(B, H, Lq) for r in (1, 2, 3))
+    lssar = a > 0
+    N = reference.row_counts(Lq, Lk, causal, device=o.device, dtype=torch.float32)
+    on = torch.where(N > offset_rows, 1.0 / N, torch.zeros_like(N))  # O_i / N_i
+    wt = torch.where(lssar, p * a, iz)
+    R = torch.where(lssar, on * p * a * ((dof * w).sum(-1) - delta * torch.where(lssar, G, 0.0)), 0.0)
+    A = torch.where(lssar, a, iz)
+    Bc = torch.where(lssar, b, 0.0)
+    return torch.stack([wt * delta, wt, a, b, A, Bc, R]).reshape(7, -1).contiguous(), do
+
+
+def _round_like_operand(x: torch.Tensor, pv_dt: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 x rounded as the dot operand type rounds it (bfloat16 stored as such; the interpreter's emulated
+    bfloat16 kept in float32; float32 unchanged)."""
+    if pv_dt == _DT_BF16:
+        return x.to(torch.bfloat16)
+    if pv_dt == _DT_BF16_EMU:
+        return x.to(torch.bfloat16).float()
+    return x.to(dtype)
 
 
 class LSSAFunction(torch.autograd.Function):
@@ -755,21 +942,22 @@ class LSSAFunction(torch.autograd.Function):
         kdt = torch.float32 if v.dtype == torch.float32 else torch.float16  # see the module docstring
         qs = (qh * c2[:, None]).to(kdt).contiguous()  # the scale folded into q̂ once per row
         ks, v = kh.to(kdt).contiguous(), v.contiguous()
-        o, stats = lssa_fwd(qs, ks, v, tau, reweight, causal, p, offset_rows)
-        ctx.save_for_backward(qs, ks, v, o, stats, c2)
+        o, stats, w = lssa_fwd(qs, ks, v, tau, reweight, causal, p, offset_rows,
+                               grad=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(qs, ks, v, o, stats, c2, w)
         ctx.args = (reweight, causal, p, offset_rows)
         return o.to(v.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        qs, ks, v, o, stats, c2 = ctx.saved_tensors
+        qs, ks, v, o, stats, c2, w = ctx.saved_tensors
         reweight, causal, p, offset_rows = ctx.args
         bad_do = None
         if not bool(torch.isfinite(do).all()):  # see _nan_in_grad_output: the kernels see only finite numbers
             bad_do = ~torch.isfinite(do)
             do = do.masked_fill(bad_do, 0)
-        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args)
+        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args, w=w)
         dq = dq * c2[:, None]
         if bad_do is not None:
             dq, dk, dv = _nan_in_grad_output(bad_do, dq, dk, dv, causal)
@@ -877,10 +1065,15 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
         pre = _prescale(rw, pv_dt)
         dsd = "fp32" if dt == "fp32" else "bf16"
         dos = ("bf16" if pv_dt == _DT_BF16 else "fp32") if pre else dt
+        # the forward as training runs it (LSSAR: with W and G for the one-pass backward)
         case(f"{m}_fwd", "lssa_fwd_kernel", "fwd",
-             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", stats="*fp32", tau="*fp32", **dims,
+             dict(q="*" + qk, k="*" + qk, v="*" + dt, o="*fp32", stats="*fp32", tau="*fp32", w="*fp32", **dims,
                   offset_rows=i32, P=f32, n_rows=i32),
-             dict(base, P_INT=15), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
+             dict(base, P_INT=15, PM1_INT=14, GRAD=rw),
+             ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"] if rw else ["full", "edge"])
+        if rw:  # and as inference runs it (no W, G: y^p alone)
+            case("lssar_fwd_infer", "lssa_fwd_kernel", "fwd", out[-1]["signature"], dict(base, P_INT=15, PM1_INT=14,
+                 GRAD=False), ["pass1_full", "pass1_edge", "pass2_full", "pass2_edge"])
         case(f"{m}_dq", "lssa_bwd_dq_kernel", "dq",
              dict(q="*" + qk, k="*" + qk, kd="*" + dsd, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos,
                   stats="*fp32", dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32,
@@ -890,5 +1083,9 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
              dict(q="*" + qk, qd="*" + dsd, k="*" + qk, v="*" + dt, do="*" + dt,
                   stats="*fp32", delta="*fp32", rterm="*fp32",
                   dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
+        case(f"{m}_bwd", "lssa_bwd_kernel", "dkdv",
+             dict(q="*" + qk, qd="*" + dsd, k="*" + qk, kd="*" + dsd, v="*" + dt, do="*" + dos, rows="*fp32",
+                  dq="*fp32", dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
              dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
     return out + yardstick_kernels.report_cases(D, dtype, causal, TILES)

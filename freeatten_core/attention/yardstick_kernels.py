@@ -182,12 +182,72 @@ def softmax_bwd_dkdv_kernel(
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
 
 
+@triton.jit
+def _softmax_bwd_tile(b_k, b_v, q, do, lse, delta, dq, o_i, o_j, Lq, Lk, off, b_dk, b_dv,
+                      D: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # one [BN, BM] tile of the one-pass backward: dv, dk as the dK/dV kernel, and dqᵀ += kᵀ·dS with float32
+    # atomics (dq in units of the scaled keys: the host multiplies by 1/log2(e))
+    o_d = tl.arange(0, D)
+    m_i = o_i < Lq
+    p_t = o_i[None, :] * D + o_d[:, None]
+    b_qt = tl.load(q + p_t, mask=m_i[None, :], other=0.0)  # [D, BM]
+    b_dot = tl.load(do + p_t, mask=m_i[None, :], other=0.0)  # [D, BM]
+    b_lse = tl.load(lse + o_i, mask=m_i, other=0.0)
+    b_delta = tl.load(delta + o_i, mask=m_i, other=0.0)
+    b_st = tl.dot(b_k, b_qt)
+    if MASKED:
+        vis = (o_j < Lk)[:, None] & m_i[None, :]
+        if CAUSAL:
+            vis = vis & (o_j[:, None] <= off + o_i[None, :])
+        b_st = tl.where(vis, b_st, float("-inf"))
+    b_pt = tl.math.exp2(b_st - b_lse[None, :])  # [BN, BM]
+    b_dv += tl.dot(b_pt.to(do.dtype.element_ty), tl.trans(b_dot))
+    b_dst = (b_pt * (tl.dot(b_v, b_dot) - b_delta[None, :])).to(q.dtype.element_ty)
+    b_dk += tl.dot(b_dst, tl.trans(b_qt))
+    tl.atomic_add(dq + p_t, tl.dot(tl.trans(b_k), b_dst), mask=m_i[None, :], sem="relaxed")
+    return b_dk, b_dv
+
+
+@triton.jit
+def softmax_bwd_kernel(
+    q, k, v, do, lse, delta, dq, dk, dv, Lq, Lk, off, scale2, sm_scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    # the one-pass backward (FlashAttention-2's design): the dK/dV kernel with dq accumulated through atomics
+    # (float32, zero on entry); delta [BH, Lq] = D_i computed beforehand
+    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_j = i_n * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_j = o_j < Lk
+    p_k = i_bh * Lk * D + o_j[:, None] * D + o_d[None, :]
+    b_k = tl.load(k + p_k, mask=m_j[:, None], other=0.0)
+    b_k = (b_k.to(tl.float32) * scale2).to(k.dtype.element_ty)  # [BN, D]
+    b_v = tl.load(v + p_k, mask=m_j[:, None], other=0.0)
+    q += i_bh * Lq * D
+    do += i_bh * Lq * D
+    dq += i_bh * Lq * D
+    lse += i_bh * Lq
+    delta += i_bh * Lq
+    b_dk = tl.zeros([BN, D], dtype=tl.float32)
+    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
+    for i0 in range(lo, mid, BM):
+        b_dk, b_dv = _softmax_bwd_tile(b_k, b_v, q, do, lse, delta, dq, i0 + tl.arange(0, BM), o_j, Lq, Lk, off,
+                                       b_dk, b_dv, D, CAUSAL, True)
+    for i0 in range(mid, Lq, BM):
+        b_dk, b_dv = _softmax_bwd_tile(b_k, b_v, q, do, lse, delta, dq, i0 + tl.arange(0, BM), o_j, Lq, Lk, off,
+                                       b_dk, b_dv, D, CAUSAL, False)
+    tl.store(dk + p_k, (b_dk * sm_scale).to(dk.dtype.element_ty), mask=m_j[:, None])
+    tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
+
+
 TILES = dict(fwd=(128, 64, 8, 3), dq=(128, 64, 8, 3), dkdv=(128, 64, 8, 3))
 """(BM, BN, num_warps, num_stages) per kernel kind; the report compiles the LSSA kernels with the same."""
 
 
 def softmax_attention(q, k, v, causal: bool, do=None, tiles=None):
-    """Softmax attention through the yardstick kernels: o, and (dq, dk, dv) when ``do`` is given.
+    """Softmax attention through the yardstick kernels: o, and when ``do`` is given (dq, dk, dv) of the two-kernel
+    backward followed by (dq, dk, dv) of the one-pass backward.
 
     q [B, H, Lq, D], k/v [B, H, Lk, D] (contiguous), causal with bottom-right alignment. ``tiles`` overrides
     (BM, BN) (the interpreter's cost grows with the number of tiles). Outputs in the input dtype.
@@ -212,7 +272,12 @@ def softmax_attention(q, k, v, causal: bool, do=None, tiles=None):
                                                         sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
     softmax_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](q, k, v, do, lse, delta, dk, dv, Lq, Lk, off, scale2,
                                                           sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
-    return o, dq, dk, dv
+    # the one-pass backward, from the same D_i
+    dq1 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    dk1, dv1 = torch.empty_like(k), torch.empty_like(v)
+    softmax_bwd_kernel[(triton.cdiv(Lk, bn), B * H)](q, k, v, do, lse, delta, dq1, dk1, dv1, Lq, Lk, off, scale2,
+                                                     sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
+    return o, dq, dk, dv, (dq1 / LOG2E).to(q.dtype), dk1, dv1
 
 
 def report_cases(D: int, dtype: str, causal: bool, tiles: dict | None = None) -> list[dict]:
@@ -230,12 +295,15 @@ def report_cases(D: int, dtype: str, causal: bool, tiles: dict | None = None) ->
         "dkdv": ("softmax_dkdv", "softmax_bwd_dkdv_kernel",
                  dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", dk=p, dv=p, Lq=i32, Lk=i32, off=i32,
                       scale2=f32, sm_scale=f32)),
+        "bwd": ("softmax_bwd", "softmax_bwd_kernel",
+                dict(q=p, k=p, v=p, do=p, lse="*fp32", delta="*fp32", dq="*fp32", dk=p, dv=p, Lq=i32, Lk=i32,
+                     off=i32, scale2=f32, sm_scale=f32)),
     }
     out = []
     for kind, (name, kernel, sig) in sigs.items():
-        bm, bn, w, st = tiles[kind]
+        bm, bn, w, st = tiles[kind if kind in tiles else "dkdv"]
         out.append(dict(name=name, module=__name__, kernel=kernel, signature=sig, BM=bm, BN=bn, num_warps=w,
                         num_stages=st, constexprs=dict(D=D, BM=bm, BN=bn, CAUSAL=causal),
-                        loops=["edge", "full"] if kind == "dkdv" else ["full", "edge"], D=D, dtype=dtype,
+                        loops=["edge", "full"] if kind in ("dkdv", "bwd") else ["full", "edge"], D=D, dtype=dtype,
                         causal=causal, budget_of=name))
     return out
