@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention as attention_fn  # the public entry point, freeatten_core.attention
+from .attention.ops import attention as attention_fn  # freeatten_core.attention; one operator under torch.compile
 from .attention.methods import BACKENDS, resolve
 
 
