@@ -21,13 +21,18 @@ rows), so one program reads each K/V tile once for the whole group. Padding: per
 ``[start_b, end_b)`` (left or right padding); a query row at key position ``r + Lk − Lq`` sees the keys
 ``start_b <= j < end_b`` (and ``j <= r + Lk − Lq`` when causal), a query at a padding position outputs 0. Chunks
 outside ``[start_b, end_b)`` are skipped. The cache is read through its strides (a slice of a preallocated cache is
-not copied); the key normalisation ``k̂ = k/‖k‖`` happens on the tile in registers, after division by the
-largest ``|k_jd|`` (as :func:`.reference.unit`, so that ``‖k‖²`` cannot overflow).
+not copied); the normalisations ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖`` happen on the tiles in registers, after division
+by the largest ``|x_d|`` (as :func:`.reference.unit`, so that ``‖x‖²`` cannot overflow).
+
+Launches per step: LSSA two (the chunks; the combine), LSSAR three (round 1; round 2, whose programs first sum
+round 1's partials of their rows into the row constants; the combine). Nothing else runs on the device between
+them, so a step costs no host-side tensor arithmetic beyond the NaN check every entry point makes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -95,14 +100,40 @@ def _pow(y, P, P_INT: tl.constexpr):
 
 
 @triton.jit
+def _unit_rows(x):
+    # x/‖x‖ per row, after division by the row's largest |entry| (so ‖x‖² cannot overflow); a zero row stays 0
+    m = tl.max(tl.abs(x), 1)
+    x = x * (1.0 / tl.where(m > 0, m, 1.0))[:, None]
+    nrm = tl.sqrt(tl.sum(x * x, 1))
+    return x * tl.where(nrm > 0, 1.0 / tl.where(nrm > 0, nrm, 1.0), 0.0)[:, None]
+
+
+@triton.jit
+def _row_geometry(i_b, o_m, m_m, Lq, Lk, start, end, CAUSAL: tl.constexpr, HAS_SPAN: tl.constexpr):
+    # folded row m is query row r = m % Lq at key position r + Lk − Lq: it sees the keys [lo, hi) (hi = lo when
+    # it sees none: a query at a padding position)
+    r = o_m % Lq
+    pos = r + (Lk - Lq)
+    if HAS_SPAN:
+        lo = tl.load(start + i_b + o_m * 0, mask=m_m, other=0)
+        hi = tl.load(end + i_b + o_m * 0, mask=m_m, other=0)
+        real = (pos >= lo) & (pos < hi)
+    else:
+        lo = o_m * 0
+        hi = o_m * 0 + Lk
+        real = o_m >= 0
+    if CAUSAL:
+        hi = tl.minimum(hi, pos + 1)
+    hi = tl.where(real & (hi > lo) & m_m, hi, lo)
+    return lo, hi
+
+
+@triton.jit
 def _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D: tl.constexpr, HALF: tl.constexpr):
-    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j (q̃ = c·log2(e)·q̂ from the host), −inf where row i does not see key j
+    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j; k̂ formed in registers
     o_d = tl.arange(0, D)
     b_k = tl.load(k_ptr + o_j[:, None] * s_kn + o_d[None, :], mask=(o_j < j_end)[:, None], other=0.0).to(tl.float32)
-    m = tl.max(tl.abs(b_k), 1)  # [BN]: divide by the largest |entry| first, so ‖k‖² cannot overflow
-    b_k = b_k * (1.0 / tl.where(m > 0, m, 1.0))[:, None]
-    nrm = tl.sqrt(tl.sum(b_k * b_k, 1))
-    b_k = b_k * tl.where(nrm > 0, 1.0 / tl.where(nrm > 0, nrm, 1.0), 0.0)[:, None]  # k̂ (a zero key: 0)
+    b_k = _unit_rows(b_k)  # [BN, D]
     if HALF:
         b_t = tl.dot(b_q.to(tl.float16), tl.trans(b_k.to(tl.float16)))
     else:
@@ -129,17 +160,18 @@ def _pv(b_w, b_v, HALF: tl.constexpr):
 
 @triton.jit
 def lss_decode_kernel(
-    q, k, v, row_lo, row_hi, row_a, row_b, part_s, part_m, part_acc,
-    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    Hkv, Lq, R, chunk, P,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROUND: tl.constexpr, REWEIGHT: tl.constexpr,
-    P_INT: tl.constexpr, HALF: tl.constexpr,
+    q, k, v, start, end, part_z, part_m, part_s, part_acc,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    Hkv, Lq, Lk, R, chunk, n_chunks, offset_rows, P, LN_D,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_SPAN: tl.constexpr,
+    ROUND: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, HALF: tl.constexpr,
 ):
-    # One program: BM folded query rows of one (batch, key head) against the keys of one chunk.
-    # q [B·Hkv, R, D] (q̃ rows, R = G·Lq: row m is query row m % Lq of the group's head m // Lq), k/v through their
-    # strides, row_lo/row_hi [B, Lq] the keys [lo, hi) each query row sees, row_a/row_b [B·Hkv, R] (round 2: the
-    # re-weighting constants, a = 0 marks a row that keeps u = f). Writes per (chunk, row): part_s the sum
-    # (Σ f or Σ u), part_m the largest t (round 1 of LSSAR), part_acc [.., D] Σ w·v (LSSA, and round 2).
+    # One program: BM folded query rows of one (batch, key head) against the keys of one chunk. Folded row m of key
+    # head h is query row m % Lq of query head h·G + m // Lq (R = G·Lq rows). q, k, v are read through their
+    # strides (last dim contiguous); start/end [B] the real keys of each batch element (HAS_SPAN).
+    # Round 1 writes per (chunk, row) part_z = Σ f and, for LSSAR, part_m = max t; LSSA also part_acc = Σ f·v.
+    # Round 2 (LSSAR) first forms each row's constants from every chunk's part_z and part_m, then writes
+    # part_s = Σ u and part_acc = Σ u·v.
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -149,19 +181,36 @@ def lss_decode_kernel(
     o_m = i_m * BM + tl.arange(0, BM)  # [BM]
     o_d = tl.arange(0, D)
     m_m = o_m < R
-    r = o_m % Lq
-    b_lo = tl.load(row_lo + i_b * Lq + r, mask=m_m, other=0)
-    b_hi = tl.load(row_hi + i_b * Lq + r, mask=m_m, other=0)
-    p_q = (i_bh.to(tl.int64) * R + o_m[:, None]) * D + o_d[None, :]
-    b_q = tl.load(q + p_q, mask=m_m[:, None], other=0.0).to(tl.float32)  # [BM, D]
+    b_lo, b_hi = _row_geometry(i_b, o_m, m_m, Lq, Lk, start, end, CAUSAL, HAS_SPAN)
+    b_N = (b_hi - b_lo).to(tl.float32)
+    b_c = tl.where(b_N > 0, LN_D * tl.log(tl.maximum(b_N, 1.0)), 0.0)  # c_i = ln d · ln N_i
+    # q̃ = c·log2(e)·q̂, normalised in registers
+    p_q = q + i_b.to(tl.int64) * s_qb + (i_h * (R // Lq) + o_m // Lq).to(tl.int64)[:, None] * s_qh \
+        + (o_m % Lq)[:, None] * s_qn + o_d[None, :]
+    b_q = _unit_rows(tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)) * (b_c * 1.4426950408889634)[:, None]
     k_ptr = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
     v_ptr = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+    p_s = (i_c * n_bh + i_bh).to(tl.int64) * R + o_m  # [BM] into the [n_chunks, B·Hkv, R] partials
+    if ROUND == 2:
+        # the row constants of the re-weighting, as the forward kernel forms them: M = N·F/Z − O > τ (else the
+        # row keeps u = f); y = x/M = a·f − b with a = N/(N·F − O·Z), b = O·Z/(N·F − O·Z)
+        b_Z = tl.zeros([BM], dtype=tl.float32)
+        b_T = tl.full([BM], float("-inf"), tl.float32)
+        for c in range(0, n_chunks):
+            p_c = (c * n_bh + i_bh).to(tl.int64) * R + o_m
+            b_Z += tl.load(part_z + p_c, mask=m_m, other=0.0)
+            b_T = tl.maximum(b_T, tl.load(part_m + p_c, mask=m_m, other=float("-inf")))
+        b_F = _softplus2(b_T)
+        b_O = tl.where(b_N > offset_rows, 1.0, 0.0)
+        b_den = b_N * b_F - b_O * b_Z
+        b_tau = 1.1920928955078125e-07 * (8.0 + 2.0 * b_c * D + b_N / 16.0)  # reference.uniform_threshold
+        ok = b_den > b_tau * b_Z
+        b_rden = 1.0 / tl.where(ok, b_den, 1.0)
+        b_a = tl.where(ok, b_N * b_rden, 0.0)
+        b_b = tl.where(ok, b_O * b_Z * b_rden, 0.0)
     # the chunk's keys, narrowed to those some row of the block sees (skips padding and the causal tail)
     j_lo = tl.maximum(i_c * chunk, tl.min(tl.where(m_m, b_lo, 2147483647), 0))
     j_end = tl.minimum(i_c * chunk + chunk, tl.max(tl.where(m_m, b_hi, 0), 0))
-    if ROUND == 2:
-        b_a = tl.load(row_a + i_bh * R + o_m, mask=m_m, other=0.0)
-        b_b = tl.load(row_b + i_bh * R + o_m, mask=m_m, other=0.0)
     b_s = tl.zeros([BM], dtype=tl.float32)
     b_mx = tl.full([BM], float("-inf"), tl.float32)
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
@@ -180,12 +229,37 @@ def lss_decode_kernel(
                 b_w = b_f
             b_s += tl.sum(b_w, 1)
             b_acc += _pv(b_w, _values(v_ptr, s_vn, o_j, j_end, D), HALF)
-    p_s = (i_c * n_bh + i_bh).to(tl.int64) * R + o_m
-    tl.store(part_s + p_s, b_s, mask=m_m)
+    if ROUND == 1:
+        tl.store(part_z + p_s, b_s, mask=m_m)
+    else:
+        tl.store(part_s + p_s, b_s, mask=m_m)
     if REWEIGHT and ROUND == 1:
         tl.store(part_m + p_s, b_mx, mask=m_m)
     else:
         tl.store(part_acc + p_s[:, None] * D + o_d[None, :], b_acc, mask=m_m[:, None])
+
+
+@triton.jit
+def lss_decode_combine_kernel(part_s, part_acc, o, Hkv, Lq, R, n_chunks, D: tl.constexpr, BM: tl.constexpr):
+    # o = Σ_chunks acc / Σ_chunks s for BM folded rows of one (batch, key head); o [B, H, Lq, D] contiguous. A row
+    # with s = 0 sees no key (a padding query) and gets 0.
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = o_m < R
+    b_s = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    for c in range(0, n_chunks):
+        p_c = (c * n_bh + i_bh).to(tl.int64) * R + o_m
+        b_s += tl.load(part_s + p_c, mask=m_m, other=0.0)
+        b_acc += tl.load(part_acc + p_c[:, None] * D + o_d[None, :], mask=m_m[:, None], other=0.0)
+    b_o = b_acc / tl.where(b_s > 0, b_s, 1.0)[:, None]
+    i_b = i_bh // Hkv
+    i_h = i_bh % Hkv
+    row = ((i_b * Hkv + i_h) * (R // Lq) + o_m // Lq).to(tl.int64) * Lq + o_m % Lq  # [B, H, Lq] row index
+    tl.store(o + row[:, None] * D + o_d[None, :], b_o.to(o.dtype.element_ty), mask=m_m[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -241,62 +315,44 @@ def _chunking(Lk: int, n_prog: int, device, chunk: int | None, BN: int) -> int:
 
 def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float = 15.0, offset_rows: int = 3,
            chunk: int | None = None) -> torch.Tensor:
-    """The kernel call on finite inputs: o ``[B, H, Lq, D]`` in q's dtype. ``start``/``end``: ``[B]`` real keys per
-    batch element (None: all); ``chunk``: keys per program (None: chosen for the device)."""
+    """The kernel launches on finite inputs: o ``[B, H, Lq, D]`` in q's dtype. ``start``/``end``: ``[B]`` real keys
+    per batch element (None: all); ``chunk``: keys per program (None: chosen for the device). Two launches for
+    LSSA (the chunks, the combine), three for LSSAR."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G, R = H // Hkv, (H // Hkv) * Lq
+    R = (H // Hkv) * Lq
     dev = q.device
-    lo, hi, N = _row_ranges(B, Lq, Lk, causal, start, end, dev)  # N [B, Lq]
-    empty = N == 0
-    Ns = torch.where(empty, torch.ones_like(N), N)
-    c = torch.where(empty, torch.zeros_like(N), reference.length_scale(Ns, D))  # c_i = ln d · ln N_i
-    half = q.dtype != torch.float32 and not INTERPRET
-    qs = reference.unit(q.float()) * (c * LOG2E).to(torch.float32)[:, None, :, None]  # q̃ = c·log2(e)·q̂
-    qs = reference._fold(qs, Hkv).contiguous()  # [B, Hkv, R, D]
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    has_span = start is not None
+    if has_span:
+        start = start.to(device=dev, dtype=torch.int32).contiguous()
+        end = end.to(device=dev, dtype=torch.int32).contiguous()
+    else:
+        start = end = torch.zeros(1, dtype=torch.int32, device=dev)  # not read
     BM = min(64, max(16, triton.next_power_of_2(R)))
     BN = 16 if INTERPRET else 64
     n_m = triton.cdiv(R, BM)
     ck = _chunking(Lk, n_m * B * Hkv, dev, chunk, BN)
     n_c = triton.cdiv(Lk, ck)
-    grid = (n_c, n_m, B * Hkv)
     f32 = torch.float32
-    part_s = _new((n_c, B * Hkv, R), f32, dev)
+    part_z = _new((n_c, B * Hkv, R), f32, dev)
     part_acc = _new((n_c, B * Hkv, R, D), f32, dev)
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    part_m = _new((n_c, B * Hkv, R), f32, dev) if reweight else part_z
+    part_s = _new((n_c, B * Hkv, R), f32, dev) if reweight else part_z
+    o = _new((B, H, Lq, D), q.dtype, dev)
+    args = (q, k, v, start, end, part_z, part_m, part_s, part_acc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D))
     p_int = int(p) if float(p).is_integer() and 1 <= p <= MAX_INT_P else -1
-    meta = dict(D=D, BM=BM, BN=BN, REWEIGHT=reweight, P_INT=p_int, HALF=half)
+    meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
+                HALF=q.dtype != torch.float32 and not INTERPRET)
+    grid = (n_c, n_m, B * Hkv)
+    lss_decode_kernel[grid](*args, ROUND=1, **meta)
     if reweight:
-        part_m = _new((n_c, B * Hkv, R), f32, dev)
-        dummy = torch.zeros(1, dtype=f32, device=dev)
-        lss_decode_kernel[grid](qs, k, v, lo, hi, dummy, dummy, part_s, part_m, part_acc, *strides,
-                                Hkv, Lq, R, ck, float(p), ROUND=1, **meta)
-        # the row constants, as the forward kernel forms them: M = N·F/Z − O; y = x/M = a·f − b
-        Z = part_s.sum(0)  # [B·Hkv, R]
-        F = torch.logaddexp2(part_m.amax(0), torch.zeros_like(Z))  # f(max t): softplus is monotone
-        Nr = reference._fold(Ns.to(f32)[:, None, :, None].expand(B, H, Lq, 1), Hkv).reshape(B * Hkv, R)
-        tau = reference.uniform_threshold(reference._fold(c.to(f32)[:, None, :, None].expand(B, H, Lq, 1), Hkv)
-                                          .reshape(B * Hkv, R), Nr, D, f32)
-        O = (Nr > offset_rows).to(f32)
-        den = Nr * F - O * Z
-        ok = den > tau * Z
-        rden = 1.0 / torch.where(ok, den, torch.ones_like(den))
-        a = torch.where(ok, Nr * rden, torch.zeros_like(den)).contiguous()
-        b = torch.where(ok, O * Z * rden, torch.zeros_like(den)).contiguous()
-        part_s = _new((n_c, B * Hkv, R), f32, dev)
-        lss_decode_kernel[grid](qs, k, v, lo, hi, a, b, part_s, part_m, part_acc, *strides,
-                                Hkv, Lq, R, ck, float(p), ROUND=2, **meta)
-    else:
-        lss_decode_kernel[grid](qs, k, v, lo, hi, part_s, part_s, part_s, part_s, part_acc, *strides,
-                                Hkv, Lq, R, ck, float(p), ROUND=1, **meta)
-    S = part_s.sum(0)[..., None]  # [B·Hkv, R, 1]
-    o = part_acc.sum(0) / torch.where(S > 0, S, torch.ones_like(S))
-    o = reference._unfold(o.reshape(B, Hkv, R, D), H)
-    return o.masked_fill(empty[:, None, :, None], 0.0).to(q.dtype)
+        lss_decode_kernel[grid](*args, ROUND=2, **meta)
+    lss_decode_combine_kernel[(n_m, B * Hkv)](part_s, part_acc, o, Hkv, Lq, R, n_c, D=D, BM=BM)
+    return o
 
 
 def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float = 15.0, offset_rows: int = 3,
