@@ -115,8 +115,13 @@ def test_decode_half_precision(dtype):
     torch.testing.assert_close(o.double(), expected(q, k, v, "lssar", True), rtol=2e-2, atol=2e-2)
 
 
-def test_decode_nan_policy():
-    """A NaN/Inf in a padding key touches nothing; one in a real key makes NaN exactly the rows that see it."""
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN matmul
+def test_decode_nan_policy(monkeypatch):
+    """A NaN/Inf in a padding key touches nothing (the kernels never read it: one run); one in a real key makes
+    NaN exactly the rows that see it (the kernels count it, and the step runs again on the finite part)."""
+    runs = []
+    real = dk.decode
+    monkeypatch.setattr(dk, "decode", lambda *a, **kw: (runs.append(1), real(*a, **kw))[1])
     q, k, v = qkv(2, 2, 1, 3, 20, 16, seed=11)
     mask = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
     mask[0, :4] = False
@@ -124,11 +129,22 @@ def test_decode_nan_policy():
     kb, vb = k.clone(), v.clone()
     kb[0, 0, 1, 2] = float("nan")
     vb[0, 0, 2, 0] = float("inf")
-    o = dk.attention(q, kb, vb, "lssar", True, start=start, end=end, chunk=16)
+    with dk.poison_outputs():
+        o = dk.attention(q, kb, vb, "lssar", True, start=start, end=end, chunk=16)
     torch.testing.assert_close(o.double(), expected(q, k, v, "lssar", True, mask), **TOL)
-    kb[1, 0, 18, 5] = float("nan")  # seen by the last two query rows (positions 18, 19) of batch element 1
-    o = dk.attention(q, kb, vb, "lssa", True, start=start, end=end, chunk=16)
-    assert torch.isnan(o[1, :, 1:]).all() and not torch.isnan(o[1, :, 0]).any() and not torch.isnan(o[0]).any()
+    assert len(runs) == 1
+    for method in ("lssa", "lssar"):
+        kv = kb.clone()
+        kv[1, 0, 18, 5] = float("nan")  # seen by the last two query rows (positions 18, 19) of batch element 1
+        assert int(real(q, kv, vb, method == "lssar", True, start, end, chunk=16)[1]) > 0
+        with dk.poison_outputs():
+            o = dk.attention(q, kv, vb, method, True, start=start, end=end, chunk=16)
+        assert torch.isnan(o[1, :, 1:]).all() and not torch.isnan(o[1, :, 0]).any() and not torch.isnan(o[0]).any()
+        torch.testing.assert_close(o[1, :, 0].double(), expected(q, k, v, method, True, mask)[1, :, 0], **TOL)
+        vv = v.clone()
+        vv[1, 0, 0, 3] = float("-inf")  # column 3 of every row of batch element 1 (each sees key 0)
+        o = dk.attention(q, k, vv, method, True, start=start, end=end, chunk=16)
+        assert torch.isnan(o[1, :, :, 3]).all() and not torch.isnan(o[1, :, :, :3]).any()
 
 
 def test_api_dispatches_decoding_calls(monkeypatch):

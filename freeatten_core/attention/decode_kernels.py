@@ -129,17 +129,25 @@ def _row_geometry(i_b, o_m, m_m, Lq, Lk, start, end, CAUSAL: tl.constexpr, HAS_S
 
 
 @triton.jit
+def _n_bad(x):
+    # the number of non-finite elements of a tile (NaN != NaN; |±inf| == inf)
+    return tl.sum(tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1), 0)
+
+
+@triton.jit
 def _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D: tl.constexpr, HALF: tl.constexpr):
-    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j; k̂ formed in registers
+    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j; k̂ formed in registers. Also the
+    # number of non-finite elements of the key tile.
     o_d = tl.arange(0, D)
     b_k = tl.load(k_ptr + o_j[:, None] * s_kn + o_d[None, :], mask=(o_j < j_end)[:, None], other=0.0).to(tl.float32)
+    n_bad = _n_bad(b_k)
     b_k = _unit_rows(b_k)  # [BN, D]
     if HALF:
         b_t = tl.dot(b_q.to(tl.float16), tl.trans(b_k.to(tl.float16)))
     else:
         b_t = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     vis = (o_j[None, :] >= b_lo[:, None]) & (o_j[None, :] < b_hi[:, None]) & (o_j < j_end)[None, :]
-    return tl.where(vis, b_t, float("-inf"))
+    return tl.where(vis, b_t, float("-inf")), n_bad
 
 
 @triton.jit
@@ -160,7 +168,7 @@ def _pv(b_w, b_v, HALF: tl.constexpr):
 
 @triton.jit
 def lss_decode_kernel(
-    q, k, v, start, end, part_z, part_m, part_s, part_acc,
+    q, k, v, start, end, part_z, part_m, part_s, part_acc, bad,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     Hkv, Lq, Lk, R, chunk, n_chunks, offset_rows, P, LN_D,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_SPAN: tl.constexpr,
@@ -171,7 +179,8 @@ def lss_decode_kernel(
     # strides (last dim contiguous); start/end [B] the real keys of each batch element (HAS_SPAN).
     # Round 1 writes per (chunk, row) part_z = Σ f and, for LSSAR, part_m = max t; LSSA also part_acc = Σ f·v.
     # Round 2 (LSSAR) first forms each row's constants from every chunk's part_z and part_m, then writes
-    # part_s = Σ u and part_acc = Σ u·v.
+    # part_s = Σ u and part_acc = Σ u·v. Every program adds the number of non-finite elements it read to `bad`:
+    # the host then knows, without reading the cache again, whether the NaN policy has to take over.
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -187,7 +196,9 @@ def lss_decode_kernel(
     # q̃ = c·log2(e)·q̂, normalised in registers
     p_q = q + i_b.to(tl.int64) * s_qb + (i_h * (R // Lq) + o_m // Lq).to(tl.int64)[:, None] * s_qh \
         + (o_m % Lq)[:, None] * s_qn + o_d[None, :]
-    b_q = _unit_rows(tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)) * (b_c * 1.4426950408889634)[:, None]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)
+    n_bad = _n_bad(b_q)
+    b_q = _unit_rows(b_q) * (b_c * 1.4426950408889634)[:, None]
     k_ptr = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
     v_ptr = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
     p_s = (i_c * n_bh + i_bh).to(tl.int64) * R + o_m  # [BM] into the [n_chunks, B·Hkv, R] partials
@@ -216,7 +227,8 @@ def lss_decode_kernel(
     b_acc = tl.zeros([BM, D], dtype=tl.float32)
     for j0 in range(j_lo, j_end, BN):
         o_j = j0 + tl.arange(0, BN)
-        b_t = _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D, HALF)  # [BM, BN]
+        b_t, nb = _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D, HALF)  # [BM, BN]
+        n_bad += nb
         b_f = _softplus2(b_t)
         if REWEIGHT and ROUND == 1:  # Z and max t only
             b_s += tl.sum(b_f, 1)
@@ -227,8 +239,11 @@ def lss_decode_kernel(
                 b_w = tl.where((b_a > 0)[:, None], b_u, b_f)
             else:
                 b_w = b_f
+            b_v = _values(v_ptr, s_vn, o_j, j_end, D)
+            n_bad += _n_bad(b_v.to(tl.float32))
             b_s += tl.sum(b_w, 1)
-            b_acc += _pv(b_w, _values(v_ptr, s_vn, o_j, j_end, D), HALF)
+            b_acc += _pv(b_w, b_v, HALF)
+    tl.atomic_add(bad, n_bad)
     if ROUND == 1:
         tl.store(part_z + p_s, b_s, mask=m_m)
     else:
@@ -314,10 +329,11 @@ def _chunking(Lk: int, n_prog: int, device, chunk: int | None, BN: int) -> int:
 
 
 def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float = 15.0, offset_rows: int = 3,
-           chunk: int | None = None) -> torch.Tensor:
-    """The kernel launches on finite inputs: o ``[B, H, Lq, D]`` in q's dtype. ``start``/``end``: ``[B]`` real keys
-    per batch element (None: all); ``chunk``: keys per program (None: chosen for the device). Two launches for
-    LSSA (the chunks, the combine), three for LSSAR."""
+           chunk: int | None = None):
+    """The kernel launches: ``(o, bad)``, o ``[B, H, Lq, D]`` in q's dtype and ``bad`` (int32 ``[1]``) the number of
+    non-finite elements the kernels read (o is valid only when it is 0). ``start``/``end``: ``[B]`` real keys per
+    batch element (None: all); ``chunk``: keys per program (None: chosen for the device). Two launches for LSSA
+    (the chunks, the combine), three for LSSAR."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     R = (H // Hkv) * Lq
@@ -340,7 +356,8 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
     part_m = _new((n_c, B * Hkv, R), f32, dev) if reweight else part_z
     part_s = _new((n_c, B * Hkv, R), f32, dev) if reweight else part_z
     o = _new((B, H, Lq, D), q.dtype, dev)
-    args = (q, k, v, start, end, part_z, part_m, part_s, part_acc,
+    bad = torch.zeros(1, dtype=torch.int32, device=dev)
+    args = (q, k, v, start, end, part_z, part_m, part_s, part_acc, bad,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D))
@@ -352,7 +369,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
     if reweight:
         lss_decode_kernel[grid](*args, ROUND=2, **meta)
     lss_decode_combine_kernel[(n_m, B * Hkv)](part_s, part_acc, o, Hkv, Lq, R, n_c, D=D, BM=BM)
-    return o
+    return o, bad
 
 
 def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float = 15.0, offset_rows: int = 3,
@@ -360,9 +377,11 @@ def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float
     """LSSA or LSSAR for decoding, forward only: ``q`` ``[B, H, Lq <= 16, D]``, ``k``/``v`` ``[B, H_kv, Lk, D]``.
 
     ``start``/``end`` (``[B]`` integers, both or neither): the real keys of each batch element are
-    ``[start_b, end_b)``; queries at padding positions output 0. Non-finite inputs follow the package's NaN policy
-    (the kernel runs on the finite part, the reference's policy marks the outputs that depend on a non-finite
-    element). No gradient flows through this function: the API calls it only when none is needed.
+    ``[start_b, end_b)``; queries at padding positions output 0. Non-finite inputs follow the package's NaN policy:
+    the kernels count the non-finite elements they read (one integer; the cache is not read a second time for a
+    check), and when there are any the step runs again on the finite part of the inputs and the reference's policy
+    marks the outputs that depend on a non-finite element. No gradient flows through this function: the API calls
+    it only when none is needed.
     """
     if method not in ("lssa", "lssar"):
         raise ValueError(f"the decoding kernel implements 'lssa' and 'lssar', not {method!r}")
@@ -373,10 +392,11 @@ def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float
         raise ValueError("give both start and end (the real keys [start_b, end_b) of each batch element) or neither")
     with torch.no_grad():
         args = (method == "lssar", bool(causal), start, end, float(p), int(offset_rows), chunk)
-        if reference._all_finite(q, k, v):
-            return decode(q, k, v, *args)
+        o, bad = decode(q, k, v, *args)
+        if int(bad) == 0:  # everything the kernels read was finite (keys no row sees are never read)
+            return o
         fq, fk, fv = (reference._finite(t) for t in (q, k, v))
-        o = decode(fq, fk, fv, *args)
+        o, _ = decode(fq, fk, fv, *args)
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
         lo, hi, _ = _row_ranges(B, Lq, Lk, causal, start, end, q.device)
         j = torch.arange(Lk, device=q.device)
