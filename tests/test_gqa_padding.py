@@ -324,3 +324,70 @@ def test_triton_backend_names_the_non_contiguous_mask():
         fa.attention(q, k, v, "lssar", backend="triton", key_padding_mask=mask)
     torch.testing.assert_close(fa.attention(q, k, v, "lssar", backend="auto", key_padding_mask=mask),
                                ref(q, k, v, "lssar", key_padding_mask=mask), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fused kernels (backend="triton"): grouped queries, padding and packed sequences through the sequence
+# descriptors, against the float64 reference, forward and gradients. Tiny shapes: the interpreter is slow.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _kernels_with_seqs():
+    try:
+        from freeatten_core.attention import triton_kernels as tk
+    except ImportError as e:
+        pytest.skip(f"triton is unavailable ({e})")
+    if not (tk.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) or a GPU")
+    if not getattr(tk, "SUPPORTS_SEQS", False):
+        pytest.skip("this version of the fused kernels takes no sequence descriptors")
+    return tk
+
+
+def rel_err(x, r):
+    """RMS(x − r) / RMS(r) in float64 (the absolute RMS error where r is 0)."""
+    x, r = x.double(), r.double()
+    base = r.square().mean().sqrt().item()
+    err = (x - r).square().mean().sqrt().item()
+    return err / base if base > 0 else err
+
+
+FUSED_CASES = {  # name: (B, H, Hkv, Lq, Lk, key_padding_mask rows or cu_seqlens)
+    "gqa": (1, 4, 2, 13, 13, None),
+    "left-padding": (2, 2, 1, 11, 11, [[1] * 11, [0] * 4 + [1] * 7]),
+    "right-padding": (2, 2, 2, 9, 9, [[1] * 6 + [0] * 3, [1] * 9]),
+    "decoding-left-padding": (2, 2, 1, 5, 12, [[0] * 3 + [1] * 9, [1] * 12]),
+    "packed": (1, 2, 1, 13, 13, "cu"),
+}
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_kernels_match_reference(case, method, monkeypatch):
+    tk = _kernels_with_seqs()
+    calls = []
+    fused = tk.attention
+    monkeypatch.setattr(tk, "attention", lambda *a, **kw: (calls.append(kw.get("seqs")), fused(*a, **kw))[1])
+    B, H, Hkv, Lq, Lk, extra = FUSED_CASES[case]
+    dev = "cuda" if torch.cuda.is_available() and not tk.INTERPRET else "cpu"
+    q, k, v = (x.to(dev) for x in qkv(B, H, Hkv, Lq, Lk, seed=41, dtype=torch.float32))
+    kw = {}
+    if extra == "cu":
+        kw["cu_seqlens"] = torch.tensor([0, 4, 11, 13], dtype=torch.int32, device=dev)
+    elif extra is not None:
+        kw["key_padding_mask"] = torch.tensor(extra, dtype=torch.int64, device=dev)
+    do = rand(B, H, Lq, 16, seed=43, dtype=torch.float32).to(dev)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        xs = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]  # gradients needed: the fused kernels
+        o = fa.attention(*xs, method=method, backend=backend, **kw)
+        o.backward(do.to(dtype))
+        outs.append([o.detach(), *(x.grad for x in xs)])
+    assert len(calls) == 1 and (calls[0] is not None) == bool(kw)
+    for name, x, r in zip(("o", "dq", "dk", "dv"), *outs):
+        assert x.shape == r.shape and torch.isfinite(x).all(), name
+        assert rel_err(x, r) <= (2e-5 if name == "o" else 1e-4), f"{case} {method} {name}: {rel_err(x, r):.2e}"
+    if "key_padding_mask" in kw:  # padding queries: output and gradient exactly 0
+        real_q = batching.query_padding(kw["key_padding_mask"].bool(), Lq)
+        assert torch.all(outs[0][0][~real_q[:, None, :, None].expand_as(outs[0][0])] == 0)
+        assert torch.all(outs[0][1].transpose(1, 2)[~real_q] == 0)
