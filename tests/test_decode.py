@@ -66,7 +66,7 @@ def test_decode_with_padding(method, Lq):
     """Left padding (a prompt shorter than the batch's), right padding (queries at padding positions output 0),
     an all-real row and an all-padding row."""
     Lk = 41
-    q, k, v = qkv(4, 4, 2, Lq, Lk, 16, seed=7 + Lq)
+    q, k, v = qkv(4, 2, 1, Lq, Lk, 16, seed=7 + Lq)
     mask = torch.zeros(4, Lk, dtype=torch.bool, device=DEVICE)
     mask[0, 9:] = True
     mask[1, : Lk - 2] = True
