@@ -188,9 +188,9 @@ def seed_table(runs: dict, metric: str = "loss_last") -> str:
              "|---|---|" + "---|" * len(factors) + "---|"]
     for variant, m in runs["losses"].items():
         vals = m[metric]
-        cells = [f"{a:.3f} ± {b:.3f}" for a, b in (mean_sd(vals[k]) for k in factors)]
+        cells = [_pm(vals[k], 3) for k in factors]
         rises = [b - a for a, b in zip(vals[1], vals[kmax])] if 1 in vals else []
-        rise = "–" if not rises else "{:+.3f} ± {:.3f}".format(*mean_sd(rises))
+        rise = "–" if not rises else _pm(rises, 3, signed=True)
         label = PAPER_ROWS.get(variant, (None, variant))[1]
         lines.append(f"| {label} | {len(vals[factors[0]])} | " + " | ".join(cells) + f" | {rise} |")
     return "\n".join(lines)
@@ -218,6 +218,13 @@ def seed_claims_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def _pm(values, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± sd`` over seeds, or the single value when there is one seed (one run has no spread)."""
+    mean, sd = mean_sd(values)
+    head = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return head if len(values) == 1 else f"{head} ± {sd:.{digits}f}"
+
+
 def paper_comparison_table(ci: dict | None = None, seeds: dict | None = None, metric: str = "loss_last") -> str:
     """The paper's losses (secondary source, approximate; no 16× column there) beside every measured run,
     length by length, with each curve's rise from 1× to 8× and its shape. One row per method and source."""
@@ -228,25 +235,25 @@ def paper_comparison_table(ci: dict | None = None, seeds: dict | None = None, me
         rows = []
         paper = PAPER_TABLE.get(paper_key) if paper_key else None
         if paper:
-            cells = [_fmt(paper.get(k)) if k in paper else "not in the source" for k in factors]
+            cells = [_fmt(paper.get(k)) if k in paper else "missing" for k in factors]
             rise = paper[8] - paper[1]
-            rows.append(("paper, GPT-2 124M, L = 1024 (secondary, approximate)", cells, _signed(rise),
-                         shape(rise, paper[1])))
+            rows.append(("paper (secondary, approximate)", cells, _signed(rise), shape(rise, paper[1])))
         if ci is not None and variant in ci["losses"]:
             m = ci["losses"][variant][metric]
             cells = [_fmt(m.get(k)) for k in factors]
             rise = m[8] - m[1] if 8 in m and 1 in m else None
-            rows.append(("this project, `ci`, 1 seed", cells, _signed(rise),
-                         shape(rise, m[1]) if rise is not None else "–"))
+            rows.append(("`ci`, 1 seed", cells, _signed(rise), shape(rise, m[1]) if rise is not None else "–"))
         if seeds is not None and variant in seeds["losses"]:
             m = seeds["losses"][variant][metric]
-            cells = ["{:.2f} ± {:.2f}".format(*mean_sd(m[k])) if k in m else "–" for k in factors]
+            cells = [_pm(m[k]) if k in m else "–" for k in factors]
             rises = [b - a for a, b in zip(m[1], m[8])] if 1 in m and 8 in m else []
-            mean_rise = mean_sd(rises) if rises else None
             shapes = [shape(r, a) for r, a in zip(rises, m[1])]
-            shape_cell = ", ".join(f"{shapes.count(s)}× {s}" for s in dict.fromkeys(shapes)) or "–"
-            rows.append((f"this project, `{seeds['preset']}`, {len(m[1])} seeds (mean ± sd)", cells,
-                         "–" if mean_rise is None else "{:+.2f} ± {:.2f}".format(*mean_rise), shape_cell))
+            counts = {s_: shapes.count(s_) for s_ in dict.fromkeys(shapes)}
+            shape_cell = (next(iter(counts)) + (f" (all {len(shapes)})" if len(shapes) > 1 else "")
+                          if len(counts) == 1 else ", ".join(f"{n} {s_}" for s_, n in counts.items())) or "–"
+            n = len(m[1])
+            rows.append((f"`{seeds['preset']}`, {n} seed{'s' if n > 1 else ''}", cells,
+                         _pm(rises, signed=True) if rises else "–", shape_cell))
         for i, (source, cells, rise, sh) in enumerate(rows):
             lines.append(f"| {label if i == 0 else ''} | {source} | " + " | ".join(cells) + f" | {rise} | {sh} |")
     return "\n".join(lines)
