@@ -564,8 +564,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.experiment == "variants":
         for v in VARIANTS.values():
-            print(f"{v.name:<20} trained as {v.method} {v.options or ''}"
-                  + (f", evaluated as {v.eval_method} {v.eval_options}" if v.eval_method else ""))
+            print(f"{v.name:<24} trained as {v.method} {v.options or ''}"
+                  + (f", evaluated as {v.eval_method} {v.eval_options}" if v.eval_method else "")
+                  + (f", RoPE scaled at inference: {v.rope_scaling[0]} x {v.rope_scaling[1]}" if v.rope_scaling
+                     else ""))
         return 0
     command = "python -m freeatten_core experiments " + " ".join(argv)
     try:  # everything checked, the output paths included, before the first run starts
