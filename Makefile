@@ -25,8 +25,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The executions are cached (_build/.jupyter_cache, keyed on the notebooks' code) and Sphinx re-reads only changed
+# pages: an unchanged rebuild takes seconds. Neither sees the package or results/, so when those changed since the
+# last build the cache and the read pages are cleared and everything is executed again.
+BOOK_INPUTS_HASH = $(shell find freeatten_core results -type f \( -name '*.py' -o -name '*.json' \) -print0 | sort -z | xargs -0 cat | sha256sum | cut -c1-16)
 book: $(STAMP)
+	@if [ "$$(cat _build/.book_inputs 2>/dev/null)" != "$(BOOK_INPUTS_HASH)" ]; then rm -rf _build/.jupyter_cache _build/.doctrees; fi
 	$(VENV)/bin/jupyter-book build . -W --keep-going
+	@mkdir -p _build && echo "$(BOOK_INPUTS_HASH)" > _build/.book_inputs
 	@echo "book written to _build/html/index.html"
 
 test: test-unit test-notebooks
