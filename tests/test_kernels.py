@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 
@@ -476,8 +477,80 @@ def test_lssar_forward_keeps_w_only_for_a_backward():
     q, k, v, _ = make_inputs(1, 1, 20, 20, 16, torch.float32)
     qh, kh = reference.unit(q), reference.unit(k)
     c2, tau = tk._row_constants(20, 20, 16, True, q.device)
-    qs = (qh * c2[:, None]).contiguous()
+    qs = (qh * c2[:, None]).contiguous()  # c2, tau: [Lq] for a dense call
     _, _, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=False)
     assert w is None
     _, stats, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=True)
     assert w is not None and w.shape == q.shape and torch.isfinite(w).all() and torch.isfinite(stats).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Grouped queries and sequence descriptors (padding, packed sequences)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "two-kernel"])
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+def test_grouped_queries_equal_repeated_kv(method, deterministic):
+    # K/V with H/G heads (never repeated in memory) give what the repeated K/V give: outputs, dq, and dk/dv as the
+    # sums over each group's query heads
+    g = torch.Generator().manual_seed(11)
+    B, H, Hk, L, D = 2, 4, 2, 70, 32
+    q, do = torch.randn(B, H, L, D, generator=g), torch.randn(B, H, L, D, generator=g)
+    k, v = torch.randn(B, Hk, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = _grads(lambda q, k, v: tk.attention(q, k, v, method, True), q, k, v, do)
+        rep = _grads(lambda q, k, v: tk.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), method,
+                                                  True), q, k, v, do)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, rep):
+        assert_close(name, a, b, 1e-5)
+    ref = run_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), do, method, True)
+    assert_close("o vs float64", got[0], ref[0], TOL[torch.float32][0])
+
+
+@pytest.mark.parametrize("method", ["lssa", "lssar"])
+def test_sequence_descriptors_equal_separate_calls(method):
+    # packed sequences (one batch row, three sequences of 30, 1 and 59 tokens) and a left-padded batch row: each
+    # sequence's outputs and gradients equal the float64 reference on that sequence alone; rows in no sequence
+    # output 0 and get zero gradients, even with NaN-poisoned kernel buffers
+    g = torch.Generator().manual_seed(12)
+    D = 32
+    q, k, v, do = (torch.randn(2, 2, 90, D, generator=g) for _ in range(4))
+    seqs = torch.tensor([[0, 0, 30, 0, 30], [0, 30, 31, 30, 31], [0, 31, 90, 31, 90], [1, 7, 90, 7, 90]],
+                        dtype=torch.int32)
+    with tk.poison_outputs():
+        o, dq, dk, dv = _grads(lambda q, k, v: tk.attention(q, k, v, method, True, seqs=seqs), q, k, v, do)
+    for b, a, e in ((0, 0, 30), (0, 30, 31), (0, 31, 90), (1, 7, 90)):
+        ref = run_reference(q[b:b + 1, :, a:e], k[b:b + 1, :, a:e], v[b:b + 1, :, a:e], do[b:b + 1, :, a:e], method,
+                            True)
+        for name, x, r in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref):
+            assert_close(f"{name} of sequence {b}:{a}-{e}", x[b:b + 1, :, a:e], r, TOL[torch.float32][name != "o"])
+    for x in (o, dq, dk, dv):
+        assert torch.equal(x[1, :, :7], torch.zeros_like(x[1, :, :7]))
+
+
+def test_bad_sequence_descriptors_are_clear_errors():
+    q, k, v, _ = make_inputs(2, 2, 10, 10, 16, torch.float32)
+    bad = {
+        "not a sequence": [[0, 0, 11, 0, 10]],  # past LQ
+        "not a sequence ": [[2, 0, 5, 0, 5]],  # batch 2 of 2
+        "no more query rows than key rows": [[0, 0, 6, 0, 5]],
+        "share query rows": [[0, 0, 5, 0, 5], [0, 4, 8, 5, 9]],
+        "share key rows": [[0, 0, 5, 0, 5], [0, 5, 8, 4, 8]],
+        "int32/int64 tensor [S, 5]": [[0, 0, 5, 0]],
+    }
+    for words, rows in bad.items():
+        with pytest.raises(ValueError, match=re.escape(words.strip())):
+            tk.attention(q, k, v, "lssar", True, seqs=torch.tensor(rows))
+    with pytest.raises(ValueError, match="H_kv dividing"):  # 3 key heads for 2 query heads
+        tk.attention(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), "lssa", True)

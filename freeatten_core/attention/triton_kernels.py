@@ -244,6 +244,25 @@ def _pow(y, P, P_INT: tl.constexpr):
 
 
 @triton.jit
+def _sequence(seqs, i_s):
+    # sequence i_s of the descriptor table [S, 5]: (batch, first query row, query rows, first key row, key rows)
+    p = seqs + i_s * 5
+    b = tl.load(p).to(tl.int64)
+    q0 = tl.load(p + 1)
+    k0 = tl.load(p + 3)
+    return b, q0.to(tl.int64), tl.load(p + 2) - q0, k0.to(tl.int64), tl.load(p + 4) - k0
+
+
+@triton.jit
+def _next_tile(i0, rr, start, end, BM: tl.constexpr, LQ):
+    # the next (query tile, head) of a key-side loop over the tiles [start, end) of each of a group's query heads:
+    # the next tile, or at the end of the range the first tile of the next head (whose rows are LQ further on)
+    i0 += BM
+    wrap = i0 >= end
+    return tl.where(wrap, start, i0), tl.where(wrap, rr + LQ, rr)
+
+
+@triton.jit
 def _key_range(m0, BM: tl.constexpr, BN: tl.constexpr, Lk, off, CAUSAL: tl.constexpr):
     # the keys of query rows [m0, m0 + BM): [0, n_full) are whole BN-tiles that every row sees entirely (no mask
     # there), [n_full, hi) the edge tiles (the causal diagonal and the end of the keys)
@@ -391,27 +410,33 @@ def _dq_tile(b_q, b_do, k, kd, v, o_i, o_j, Lk, off, b_w, b_wd, b_a, b_b, P, b_a
 
 @triton.jit
 def lssa_fwd_kernel(
-    q, k, v, o, stats, tau, w,
-    Lq, Lk, off, offset_rows, P, n_rows,
+    q, k, v, o, stats, tau, w, seqs,
+    LQ, LK, H, G, offset_rows, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, GRAD: tl.constexpr,
 ):
-    # one program: BM query rows of one (batch, head). q [BH, Lq, D] (= c·log2(e)·q̂), k [BH, Lk, D] (= k̂),
-    # v [BH, Lk, D], o [BH, Lq, D] float32, tau [Lq] (LSSAR's uniform-row threshold τ_i),
+    # one program: BM query rows of one sequence (seqs: see `attention`) and one query head. q [B, H, LQ, D]
+    # (= c·log2(e)·q̂), k [B, H/G, LK, D] (= k̂; query head h reads key head h // G), v like k, o [B, H, LQ, D]
+    # float32, tau [B, LQ] (LSSAR's uniform-row threshold τ_i),
     # stats [4, BH·Lq] = (1/Z, a, b, G) per row for the backward (n_rows = BH·Lq; a = 0 marks an LSSA row) and,
     # LSSAR with GRAD, w [BH, Lq, D] = W_i = Σ_j g_ij v_j and G_i = Σ_j g_ij, g = y^(p−1) of the final y.
     # Every input is finite here (the host routes non-finite inputs around the kernels: see `attention`).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the last row tiles have the most keys, start them first
-    i_bh = tl.program_id(1).to(tl.int64)  # int64: B·H·L·D may pass 2^31
+    i_s, i_h = tl.program_id(1) // H, tl.program_id(1) % H
+    b, q0, Lq, k0, Lk = _sequence(seqs, i_s)  # from here on, Lq, Lk, off and the rows o_i are the sequence's
+    off = Lk - Lq
+    r0 = (b * H + i_h) * LQ + q0  # int64 (B·H·L·D may pass 2^31): the sequence's first row among all B·H·LQ
     o_i = i_m * BM + tl.arange(0, BM)  # [BM]
     o_d = tl.arange(0, D)
     m_i = o_i < Lq
-    p_q = i_bh * Lq * D + o_i[:, None] * D + o_d[None, :]
+    p_q = (r0 + o_i)[:, None] * D + o_d[None, :]
     b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
-    k += i_bh * Lk * D
-    v += i_bh * Lk * D
+    k += ((b * (H // G) + i_h // G) * LK + k0) * D
+    v += ((b * (H // G) + i_h // G) * LK + k0) * D
     n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
+    hi = tl.where(i_m * BM < Lq, hi, 0)  # a row tile past this sequence's end (a shorter one): no work
+    n_full = tl.minimum(n_full, hi)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)  # bottom-right alignment: row i sees keys j <= off + i
     else:
@@ -434,7 +459,7 @@ def lssa_fwd_kernel(
         # a = 0, b = −1 gives y = 1 there, and the uniform row's weights come from 1/Z instead.
         b_F = _softplus2(b_T, DEG)
         b_den = b_N * b_F - b_O * b_Z
-        b_tau = tl.load(tau + o_i, mask=m_i, other=0.0)
+        b_tau = tl.load(tau + b * LQ + q0 + o_i, mask=m_i, other=0.0)
         ok = b_den > b_tau * b_Z
         b_rden = 1.0 / tl.where(ok, b_den, 1.0)
         b_a = tl.where(ok, b_N * b_rden, 0.0)
@@ -452,14 +477,14 @@ def lssa_fwd_kernel(
             b_U2, b_acc, b_G2, b_W = _fwd_pass2_tile(b_q, k, v, o_i, j0 + tl.arange(0, BN), Lk, off, b_a, b_b, ok, P,
                                                      b_U2, b_acc, b_G2, b_W, D, CAUSAL, P_INT, PM1_INT, DEG, QK_DT,
                                                      PV_DT, GRAD, True)
-        b_U = tl.max(b_U2, 1)
+        b_U = tl.where(m_i, tl.max(b_U2, 1), 1.0)  # (rows past the sequence: U = 0, never stored)
         b_s = tl.math.exp2(-tl.math.log2(b_U) / P)  # U^(-1/p)
         b_a = tl.where(ok, b_a * b_s, 0.0)  # a' = a·U^(-1/p): y'^p = P
         b_b = tl.where(ok, b_b * b_s, -1.0)
         if GRAD:  # g' = y'^(p−1) = g·U^(-(p−1)/p)
             b_gs = tl.where(ok, tl.math.exp2(-tl.math.log2(b_U) * ((P - 1.0) / P)), 0.0)
             tl.store(w + p_q, b_W * b_gs[:, None], mask=m_i[:, None])
-            tl.store(stats + i_bh * Lq + o_i + 3 * n_rows, tl.max(b_G2, 1) * b_gs, mask=m_i)
+            tl.store(stats + r0 + o_i + 3 * n_rows, tl.max(b_G2, 1) * b_gs, mask=m_i)
     else:
         b_a = tl.zeros([BM], dtype=tl.float32)
         b_b = tl.zeros([BM], dtype=tl.float32) - 1.0
@@ -467,8 +492,8 @@ def lssa_fwd_kernel(
 
     b_o = b_acc / tl.where(m_i, b_U, 1.0)[:, None]
     tl.store(o + p_q, b_o.to(o.dtype.element_ty), mask=m_i[:, None])
-    p_st = stats + i_bh * Lq + o_i
-    tl.store(p_st, 1.0 / b_Z, mask=m_i)
+    p_st = stats + r0 + o_i
+    tl.store(p_st, 1.0 / tl.where(m_i, b_Z, 1.0), mask=m_i)
     tl.store(p_st + n_rows, b_a, mask=m_i)
     tl.store(p_st + 2 * n_rows, b_b, mask=m_i)
 
@@ -491,11 +516,12 @@ def lssa_fwd_kernel(
 
 @triton.jit
 def lssa_bwd_dq_kernel(
-    q, k, kd, v, o, do, dos, stats, dq, delta, rterm,
-    Lq, Lk, off, offset_rows, P, n_rows,
+    q, k, kd, v, o, do, dos, stats, dq, delta, rterm, seqs,
+    LQ, LK, H, G, offset_rows, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
+    GROUPED: tl.constexpr = False,
 ):
     # q/o/do/dq [BH, Lq, D] (dq: Σ_j dt_ij k̂_j, scaled on the host), k/v [BH, Lk, D]; delta, rterm [BH·Lq]
     # (delta receives w_i·D_i, the form the dK/dV kernel uses). kd: k̂ once more in the dS products' operand type
@@ -503,21 +529,27 @@ def lssa_bwd_dq_kernel(
     # operands): also write dos = dO_i/Z_i rounded as the dK/dV kernel's operand, and w·D from those rounded values
     # (so that its dP − D stays an exact difference for a cotangent perturbed by one rounding, 2^-9 relative).
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_s, i_h = tl.program_id(1) // H, tl.program_id(1) % H
+    b, q0, Lq, k0, Lk = _sequence(seqs, i_s)  # (as in the forward kernel)
+    off = Lk - Lq
+    r0 = (b * H + i_h) * LQ + q0
     o_i = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_i = o_i < Lq
-    p_q = i_bh * Lq * D + o_i[:, None] * D + o_d[None, :]
+    p_q = (r0 + o_i)[:, None] * D + o_d[None, :]
     b_q = _ld(q + p_q, m_i[:, None], QK_DT)  # [BM, D]
     b_do = _ld(do + p_q, m_i[:, None], PV_DT)  # [BM, D]
     b_o = tl.load(o + p_q, mask=m_i[:, None], other=0.0)  # [BM, D] float32
     b_delta = tl.sum(b_do.to(tl.float32) * b_o, 1)  # D_i = dO_i·o_i
-    p_st = stats + i_bh * Lq + o_i
+    p_st = stats + r0 + o_i
     b_iz = tl.load(p_st, mask=m_i, other=1.0)
-    k += i_bh * Lk * D
-    kd += i_bh * Lk * D
-    v += i_bh * Lk * D
+    kr0 = (b * (H // G) + i_h // G) * LK + k0
+    k += kr0 * D
+    kd += kr0 * D
+    v += kr0 * D
     n_full, hi = _key_range(i_m * BM, BM, BN, Lk, off, CAUSAL)
+    hi = tl.where(i_m * BM < Lq, hi, 0)
+    n_full = tl.minimum(n_full, hi)
     if CAUSAL:
         b_N = (off + o_i + 1).to(tl.float32)
     else:
@@ -558,8 +590,8 @@ def lssa_bwd_dq_kernel(
         b_R = tl.zeros([BM], dtype=tl.float32)
         b_dq = b_acc1
     tl.store(dq + p_q, b_dq.to(dq.dtype.element_ty), mask=m_i[:, None])
-    tl.store(delta + i_bh * Lq + o_i, b_wd_kv, mask=m_i)
-    tl.store(rterm + i_bh * Lq + o_i, b_R, mask=m_i)
+    tl.store(delta + r0 + o_i, b_wd_kv, mask=m_i)
+    tl.store(rterm + r0 + o_i, b_R, mask=m_i)
 
 
 @triton.jit
@@ -606,11 +638,12 @@ def _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, o_i, o_j, Lq, Lk
 
 @triton.jit
 def lssa_bwd_dkdv_kernel(
-    q, qd, k, v, do, stats, delta, rterm, dk, dv,
-    Lq, Lk, off, P, n_rows,
+    q, qd, k, v, do, stats, delta, rterm, dk, dv, seqs,
+    LQ, LK, H, G, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
+    GROUPED: tl.constexpr = False,
 ):
     # one program: BN keys of one (batch, head), looping over the query tiles that see them (causal: the first
     # key tiles have the most, and start first). Transposed orientation [BN, BM]: both products are row-major.
@@ -618,31 +651,52 @@ def lssa_bwd_dkdv_kernel(
     # operand type (bfloat16 for half-precision inputs, where q itself is float16 for the scores): the loop then
     # loads the tile instead of converting it element by element. PRESCALE (LSSA): do holds dO_i/Z_i (from the dQ
     # kernel), so P = f/Z needs no product: dv = Σ f·(dO/Z), dt = (dO/Z·v − w·D)·σ.
-    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(0)
+    i_s, i_hk = tl.program_id(1) // (H // G), tl.program_id(1) % (H // G)
+    b, q0, Lq, k0, Lk = _sequence(seqs, i_s)
+    off = Lk - Lq
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
     m_j = o_j < Lk
-    p_k = i_bh * Lk * D + o_j[:, None] * D + o_d[None, :]
+    p_k = ((b * (H // G) + i_hk) * LK + k0 + o_j)[:, None] * D + o_d[None, :]
     b_k = _ld(k + p_k, m_j[:, None], QK_DT)  # [BN, D]
     b_v = _ld(v + p_k, m_j[:, None], PV_DT)  # [BN, D]
-    q += i_bh * Lq * D
-    qd += i_bh * Lq * D
-    do += i_bh * Lq * D
-    p_st = stats + i_bh * Lq
-    delta += i_bh * Lq
-    rterm += i_bh * Lq
+    qr0 = (b * H + i_hk * G) * LQ + q0  # the first row of the group's first query head; head g: + g·LQ
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
     lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
-    for i0 in range(lo, mid, BM):  # edge tiles
-        b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                                off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
-                                True)
-    for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
-        b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, p_st, delta, rterm, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                                off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
-                                False)
+    lo = tl.where(i_n * BN < Lk, lo, Lq)  # a key tile past this sequence's end: no work
+    mid = tl.maximum(lo, mid)
+    n_e, n_f = tl.cdiv(mid - lo, BM), tl.cdiv(Lq - mid, BM)
+    # edge tiles, then full tiles (only the last may run past Lq), of the G query heads that read these keys.
+    # Grouped queries (GROUPED: G > 1) make each a loop over (head, tile): i0 runs over the tiles, and at the end of
+    # a head's tiles starts again for the next head (rows rr + LQ); G = 1 keeps the plain loops
+    if GROUPED:
+        i0, rr = lo, qr0
+        for _ in range(0, G * n_e):
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, q + rr * D, qd + rr * D, do + rr * D, stats + rr, delta + rr,
+                                    rterm + rr, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
+            i0, rr = _next_tile(i0, rr, lo, mid, BM, LQ)
+        i0, rr = mid, qr0
+        for _ in range(0, G * n_f):
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, q + rr * D, qd + rr * D, do + rr * D, stats + rr, delta + rr,
+                                    rterm + rr, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
+            i0, rr = _next_tile(i0, rr, mid, Lq, BM, LQ)
+    else:
+        q += qr0 * D
+        qd += qr0 * D
+        do += qr0 * D
+        for i0 in range(lo, mid, BM):
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, stats + qr0, delta + qr0, rterm + qr0, n_rows,
+                                    i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
+        for i0 in range(mid, Lq, BM):
+            b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, stats + qr0, delta + qr0, rterm + qr0, n_rows,
+                                    i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
@@ -707,40 +761,62 @@ def _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, o_i, o_j, Lq, Lk, off
 
 @triton.jit
 def lssa_bwd_kernel(
-    q, qd, k, kd, v, do, rows, dq, dk, dv,
-    Lq, Lk, off, P, n_rows,
+    q, qd, k, kd, v, do, rows, dq, dk, dv, seqs,
+    LQ, LK, H, G, P, n_rows,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     CAUSAL: tl.constexpr, REWEIGHT: tl.constexpr, PM1_INT: tl.constexpr, DEG: tl.constexpr,
     QK_DT: tl.constexpr, PV_DT: tl.constexpr, DS_DT: tl.constexpr, PRESCALE: tl.constexpr,
+    GROUPED: tl.constexpr = False,
 ):
     # one program: BN keys of one (batch, head), looping over the query tiles that see them, as the dK/dV kernel
     # does; dq [BH, Lq, D] float32 must be zero on entry. rows [7 | 2 | 1, BH·Lq]: the per-row quantities the host
     # formed (see _bwd_tile). kd: k̂ in the dS products' operand type.
-    i_n, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(0)
+    i_s, i_hk = tl.program_id(1) // (H // G), tl.program_id(1) % (H // G)
+    b, q0, Lq, k0, Lk = _sequence(seqs, i_s)
+    off = Lk - Lq
     o_j = i_n * BN + tl.arange(0, BN)  # [BN] keys
     o_d = tl.arange(0, D)
     m_j = o_j < Lk
-    p_k = i_bh * Lk * D + o_j[:, None] * D + o_d[None, :]
+    p_k = ((b * (H // G) + i_hk) * LK + k0 + o_j)[:, None] * D + o_d[None, :]
     b_k = _ld(k + p_k, m_j[:, None], QK_DT)  # [BN, D]
     b_kd = _ld(kd + p_k, m_j[:, None], DS_DT)  # [BN, D]
     b_v = _ld(v + p_k, m_j[:, None], PV_DT)  # [BN, D]
-    q += i_bh * Lq * D
-    qd += i_bh * Lq * D
-    do += i_bh * Lq * D
-    dq += i_bh * Lq * D
-    rows += i_bh * Lq
+    qr0 = (b * H + i_hk * G) * LQ + q0  # the first row of the group's first query head; head g: + g·LQ
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
     lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
-    for i0 in range(lo, mid, BM):  # edge tiles
-        b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                               off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
-                               True)
-    for i0 in range(mid, Lq, BM):  # full tiles: only the last may run past Lq
-        b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                               off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE,
-                               False)
+    lo = tl.where(i_n * BN < Lk, lo, Lq)  # a key tile past this sequence's end: no work
+    mid = tl.maximum(lo, mid)
+    n_e, n_f = tl.cdiv(mid - lo, BM), tl.cdiv(Lq - mid, BM)
+    if GROUPED:  # edge tiles, then full tiles, of the G query heads that read these keys (see the dK/dV kernel)
+        i0, rr = lo, qr0
+        for _ in range(0, G * n_e):
+            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + rr * D, qd + rr * D, do + rr * D, rows + rr, dq + rr * D,
+                                   n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv, D,
+                                   CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
+            i0, rr = _next_tile(i0, rr, lo, mid, BM, LQ)
+        i0, rr = mid, qr0
+        for _ in range(0, G * n_f):
+            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + rr * D, qd + rr * D, do + rr * D, rows + rr, dq + rr * D,
+                                   n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv, D,
+                                   CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
+            i0, rr = _next_tile(i0, rr, mid, Lq, BM, LQ)
+    else:
+        q += qr0 * D
+        qd += qr0 * D
+        do += qr0 * D
+        dq += qr0 * D
+        rows += qr0
+        for i0 in range(lo, mid, BM):
+            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                                   off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT,
+                                   PRESCALE, True)
+        for i0 in range(mid, Lq, BM):
+            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
+                                   off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT,
+                                   PRESCALE, False)
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
@@ -790,7 +866,7 @@ def _launch(kernel, kind: str, n: int, BH: int, args: tuple, meta: dict) -> None
     if kind not in _TUNED:  # every output is overwritten (no accumulation), so re-running configs is safe
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
                    for bm, bn, w, st in GPU_CANDIDATES[kind]]
-        _TUNED[kind] = triton.autotune(configs, key=["Lq", "Lk", "D", "CAUSAL", "REWEIGHT", "QK_DT", "PV_DT"])(kernel)
+        _TUNED[kind] = triton.autotune(configs, key=["LQ", "LK", "G", "D", "CAUSAL", "REWEIGHT", "QK_DT", "PV_DT"])(kernel)
     _TUNED[kind][lambda m: (triton.cdiv(n, m[tile]), BH)](*args, **meta)
 
 
@@ -819,29 +895,78 @@ def _degree(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+class Layout:
+    """How the rows of one call are laid out: q [B, H, LQ, D], k/v [B, H/G, LK, D] (G query heads per key head)
+    and the sequence descriptors ``seqs`` int32 [S, 5] = (batch, q_start, q_end, k_start, k_end) on the device
+    (see :func:`attention`), with the per-row quantities the host needs: N [B, LQ] float64 (0 where a row is in
+    no sequence), the query rows and key rows that are in some sequence ([B, LQ], [B, LK] bool; None when every
+    row is), and the largest sequence lengths (the launch grids)."""
+
+    def __init__(self, q_shape, k_shape, seqs: torch.Tensor | None, causal: bool, device):
+        B, H, LQ, D = q_shape
+        Hk, LK = k_shape[1], k_shape[2]
+        self.B, self.H, self.G, self.LQ, self.LK, self.D = B, H, H // Hk, LQ, LK, D
+        if seqs is None:
+            self.seqs = torch.tensor([[b, 0, LQ, 0, LK] for b in range(B)], dtype=torch.int32, device=device)
+            self.N = reference.row_counts(LQ, LK, causal, dtype=torch.float64)[None, :].expand(B, LQ).to(device)
+            self.q_rows = self.k_rows = None
+            self.max_q, self.max_k = LQ, LK
+            return
+        sq = seqs.to(device=device, dtype=torch.int64)
+        b, q0, q1, k0, k1 = sq.unbind(1)
+        nq, nk = q1 - q0, k1 - k0
+        self.seqs = seqs.to(device=device, dtype=torch.int32).contiguous()
+        # N of every query row of every sequence, scattered into [B, LQ] without a loop over the sequences
+        idx = torch.repeat_interleave(torch.arange(len(sq), device=device), nq)
+        within = torch.arange(int(nq.sum()), device=device) - torch.repeat_interleave(torch.cumsum(nq, 0) - nq, nq)
+        n = (within + (nk - nq)[idx] + 1) if causal else nk[idx]
+        self.N = torch.zeros(B, LQ, dtype=torch.float64, device=device)
+        self.N[b[idx], q0[idx] + within] = n.to(torch.float64)
+        self.q_rows = self.N > 0
+        kidx = torch.repeat_interleave(torch.arange(len(sq), device=device), nk)
+        kwithin = torch.arange(int(nk.sum()), device=device) - torch.repeat_interleave(torch.cumsum(nk, 0) - nk, nk)
+        self.k_rows = torch.zeros(B, LK, dtype=torch.bool, device=device)
+        self.k_rows[b[kidx], k0[kidx] + kwithin] = True
+        self.max_q, self.max_k = int(nq.max()), int(nk.max())
+
+    def row_constants(self):
+        """Per (batch, query row), float32 [B, LQ]: c_i·log2(e) (folded into q̂) and LSSAR's uniform-row threshold
+        τ_i, from the reference's own definitions (computed in float64); 0 on rows in no sequence."""
+        N = self.N.clamp_min(1.0)
+        c = reference.length_scale(N, self.D)
+        tau = reference.uniform_threshold(c, N, self.D, torch.float32)
+        c2 = torch.where(self.N > 0, c * LOG2E, 0.0)
+        return c2.to(torch.float32), tau.to(torch.float32).contiguous()
+
+    def zero_outside(self, x: torch.Tensor, keys: bool = False) -> torch.Tensor:
+        """x [B, heads, rows, D] with the rows that are in no sequence set to 0 (the kernels do not write them)."""
+        rows = self.k_rows if keys else self.q_rows
+        return x if rows is None else torch.where(rows[:, None, :, None], x, 0.0).to(x.dtype)
+
+
 def _row_constants(Lq: int, Lk: int, D: int, causal: bool, device):
-    """Per query row, float32 [Lq]: c_i·log2(e) (folded into q̂) and LSSAR's uniform-row threshold τ_i, from the
-    reference's own definitions (computed in float64)."""
-    N = reference.row_counts(Lq, Lk, causal, dtype=torch.float64)
-    c = reference.length_scale(N, D)
-    tau = reference.uniform_threshold(c, N, D, torch.float32)
-    return ((c * LOG2E).to(device=device, dtype=torch.float32), tau.to(device=device, dtype=torch.float32))
+    """c_i·log2(e) and τ_i of a dense call, [Lq] each (see :meth:`Layout.row_constants`)."""
+    c2, tau = Layout((1, 1, Lq, D), (1, 1, Lk, D), None, causal, device).row_constants()
+    return c2[0], tau[0]
 
 
-def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int, grad: bool = False):
-    """Forward launch. qs = c·log2(e)·q̂ and ks = k̂ [B, H, Lq|Lk, D] (float32, or float16 for half inputs), v
-    [B, H, Lk, D]. Returns o [B, H, Lq, D] in float32 (the backward's D_i = dO_i·o_i needs it unrounded: with
-    p = 15 an error in D_i is amplified p-fold), stats [4, B·H, Lq] float32 (1/Z, a', b', G) and, for LSSAR with
-    ``grad`` (a backward will follow), W [B, H, Lq, D] float32 (else None): see :func:`lssa_bwd`."""
+def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int, grad: bool = False,
+             layout: Layout | None = None):
+    """Forward launch. qs = c·log2(e)·q̂ [B, H, LQ, D] and ks = k̂ [B, H/G, LK, D] (float32, or float16 for half
+    inputs), v like ks, tau [B, LQ] (or [LQ] for a dense call). Returns o [B, H, LQ, D] in float32 (the
+    backward's D_i = dO_i·o_i needs it unrounded: with p = 15 an error in D_i is amplified p-fold), stats
+    [4, B·H, LQ] float32 (1/Z, a', b', G) and, for LSSAR with ``grad`` (a backward will follow), W [B, H, LQ, D]
+    float32 (else None): see :func:`lssa_bwd`. Rows in no sequence of ``layout`` are not written."""
     B, H, Lq, D = qs.shape
-    Lk = ks.shape[2]
+    lay = layout or Layout(qs.shape, ks.shape, None, causal, qs.device)
     o = _new((B, H, Lq, D), torch.float32, qs.device)
     stats = _new((4, B * H, Lq), torch.float32, qs.device)
     grad = bool(grad and reweight)
     w = _new((B, H, Lq, D), torch.float32, qs.device) if grad else o  # (o: a placeholder the kernel never writes)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
-    _launch(lssa_fwd_kernel, "fwd", Lq, B * H,
-            (qs, ks, v, o, stats, tau, w, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
+    tau = tau.expand(B, Lq).contiguous() if tau.ndim == 1 else tau
+    _launch(lssa_fwd_kernel, "fwd", lay.max_q, lay.seqs.shape[0] * H,
+            (qs, ks, v, o, stats, tau, w, lay.seqs, Lq, lay.LK, H, lay.G, offset_rows, float(p), B * H * Lq),
             dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), PM1_INT=_pm1(p), DEG=_degree(v.dtype),
                  QK_DT=qk_dt, PV_DT=pv_dt, GRAD=grad))
     return o, stats, (w if grad else None)
@@ -859,22 +984,25 @@ def deterministic_backward() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FREEATTEN_DETERMINISTIC", "0") == "1"
 
 
-def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int, w=None):
+def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int, w=None,
+             layout: Layout | None = None):
     """Backward. Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype).
 
     One pass (:func:`lssa_bwd_kernel`, dq through float32 atomics) after a few per-row tensor operations here;
     LSSAR needs the forward's W (``lssa_fwd(..., grad=True)``). With :func:`deterministic_backward`, or without W,
     the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
     B, H, Lq, D = qs.shape
-    Lk = ks.shape[2]
+    Hk, Lk = ks.shape[1], ks.shape[2]
+    lay = layout or Layout(qs.shape, ks.shape, None, causal, qs.device)
+    seqs, S = lay.seqs, lay.seqs.shape[0]
     do = do.contiguous()
     dev = qs.device
-    dk = _new((B, H, Lk, D), torch.float32, dev)
-    dv = _new((B, H, Lk, D), v.dtype, dev)
+    dk = _new((B, Hk, Lk, D), torch.float32, dev)
+    dv = _new((B, Hk, Lk, D), v.dtype, dev)
     qk_dt, pv_dt, ds_dt = _dot_types(v.dtype)
     prescale = _prescale(reweight, pv_dt)
     common = dict(D=D, CAUSAL=causal, REWEIGHT=reweight, PM1_INT=_pm1(p), DEG=_degree(v.dtype), QK_DT=qk_dt,
-                  PV_DT=pv_dt, DS_DT=ds_dt, PRESCALE=prescale)
+                  PV_DT=pv_dt, DS_DT=ds_dt, PRESCALE=prescale, GROUPED=lay.G > 1)
     # q̂ and k̂ once more in the dS products' operand type (see the kernels); the same tensor where they agree
     half = ds_dt == _DT_BF16 and qs.dtype != torch.bfloat16
     kd = ks.to(torch.bfloat16) if half else ks
@@ -882,24 +1010,24 @@ def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, of
     dos_dtype = torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32
     if not deterministic_backward() and (w is not None or not reweight):
         dq = torch.zeros((B, H, Lq, D), dtype=torch.float32, device=dev)  # the atomics accumulate into it
-        rows, dos = _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, causal, Lk, pv_dt, dos_dtype)
-        _launch(lssa_bwd_kernel, "dkdv", Lk, B * H,
-                (qs, qd, ks, kd, v, dos, rows, dq, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
+        rows, dos = _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, lay.N, pv_dt, dos_dtype)
+        _launch(lssa_bwd_kernel, "dkdv", lay.max_k, S * Hk,
+                (qs, qd, ks, kd, v, dos, rows, dq, dk, dv, seqs, Lq, Lk, H, lay.G, float(p), B * H * Lq), common)
         return dq, dk, dv
     dq = _new((B, H, Lq, D), torch.float32, dev)
     delta = _new((B * H, Lq), torch.float32, dev)
     rterm = _new((B * H, Lq), torch.float32, dev)
     # LSSA: dO/Z, written by the dQ kernel for the dK/dV kernel (bfloat16 operands: stored so; else float32)
     dos = _new((B, H, Lq, D), dos_dtype, dev) if prescale else do
-    _launch(lssa_bwd_dq_kernel, "dq", Lq, B * H,
-            (qs, ks, kd, v, o, do, dos, stats, dq, delta, rterm, Lq, Lk, Lk - Lq, offset_rows, float(p), B * H * Lq),
-            common)
-    _launch(lssa_bwd_dkdv_kernel, "dkdv", Lk, B * H,
-            (qs, qd, ks, v, dos, stats, delta, rterm, dk, dv, Lq, Lk, Lk - Lq, float(p), B * H * Lq), common)
+    _launch(lssa_bwd_dq_kernel, "dq", lay.max_q, S * H,
+            (qs, ks, kd, v, o, do, dos, stats, dq, delta, rterm, seqs, Lq, Lk, H, lay.G, offset_rows, float(p),
+             B * H * Lq), common)
+    _launch(lssa_bwd_dkdv_kernel, "dkdv", lay.max_k, S * Hk,
+            (qs, qd, ks, v, dos, stats, delta, rterm, dk, dv, seqs, Lq, Lk, H, lay.G, float(p), B * H * Lq), common)
     return dq, dk, dv
 
 
-def _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, causal, Lk, pv_dt, dos_dtype):
+def _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, N, pv_dt, dos_dtype):
     """The per-row quantities of the one-pass backward, float32 [n, B·H·Lq] (see :func:`_bwd_tile`), and the dO
     operand it reads (dO/Z rounded to the operand type for LSSA with PRESCALE, else dO)."""
     B, H, Lq, D = o.shape
@@ -913,8 +1041,8 @@ def _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, causal, Lk, p
         return torch.stack([iz * delta, iz]).reshape(2, -1).contiguous(), do
     a, b, G = (stats[r].view(B, H, Lq) for r in (1, 2, 3))
     lssar = a > 0
-    N = reference.row_counts(Lq, Lk, causal, device=o.device, dtype=torch.float32)
-    on = torch.where(N > offset_rows, 1.0 / N, torch.zeros_like(N))  # O_i / N_i
+    N = N.to(torch.float32)[:, None, :]  # [B, 1, LQ]
+    on = torch.where(N > offset_rows, 1.0 / N.clamp_min(1.0), torch.zeros_like(N))  # O_i / N_i
     wt = torch.where(lssar, p * a, iz)
     R = torch.where(lssar, on * p * a * ((dof * w).sum(-1) - delta * torch.where(lssar, G, 0.0)), 0.0)
     A = torch.where(lssar, a, iz)
@@ -933,57 +1061,115 @@ def _round_like_operand(x: torch.Tensor, pv_dt: int, dtype: torch.dtype) -> torc
 
 
 class LSSAFunction(torch.autograd.Function):
-    """o = LSSA / LSSAR(q̂, k̂, v) with fused forward and backward kernels (q̂, k̂: float32 unit vectors)."""
+    """o = LSSA / LSSAR(q̂, k̂, v) with fused forward and backward kernels (q̂, k̂: float32 unit vectors; k̂, v may
+    have fewer heads than q̂; ``seqs``: sequence descriptors or None, see :func:`attention`)."""
 
     @staticmethod
-    def forward(ctx, qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int):
-        B, H, Lq, D = qh.shape
-        c2, tau = _row_constants(Lq, kh.shape[2], D, causal, qh.device)
+    def forward(ctx, qh, kh, v, reweight: bool, causal: bool, p: float, offset_rows: int, seqs=None):
+        lay = Layout(qh.shape, kh.shape, seqs, causal, qh.device)
+        c2, tau = lay.row_constants()
         kdt = torch.float32 if v.dtype == torch.float32 else torch.float16  # see the module docstring
-        qs = (qh * c2[:, None]).to(kdt).contiguous()  # the scale folded into q̂ once per row
+        qs = (qh * c2[:, None, :, None]).to(kdt).contiguous()  # the scale folded into q̂ once per row
         ks, v = kh.to(kdt).contiguous(), v.contiguous()
         o, stats, w = lssa_fwd(qs, ks, v, tau, reweight, causal, p, offset_rows,
-                               grad=any(ctx.needs_input_grad[:3]))
+                               grad=any(ctx.needs_input_grad[:3]), layout=lay)
         ctx.save_for_backward(qs, ks, v, o, stats, c2, w)
         ctx.args = (reweight, causal, p, offset_rows)
-        return o.to(v.dtype)
+        ctx.layout = lay
+        return lay.zero_outside(o).to(v.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         qs, ks, v, o, stats, c2, w = ctx.saved_tensors
         reweight, causal, p, offset_rows = ctx.args
+        lay = ctx.layout
         bad_do = None
         if not bool(torch.isfinite(do).all()):  # see _nan_in_grad_output: the kernels see only finite numbers
             bad_do = ~torch.isfinite(do)
             do = do.masked_fill(bad_do, 0)
-        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args, w=w)
-        dq = dq * c2[:, None]
+        dq, dk, dv = lssa_bwd(qs, ks, v, o, do, stats, *ctx.args, w=w, layout=lay)
+        dq = lay.zero_outside(dq) * c2[:, None, :, None]
+        dk, dv = lay.zero_outside(dk, keys=True), lay.zero_outside(dv, keys=True)
         if bad_do is not None:
-            dq, dk, dv = _nan_in_grad_output(bad_do, dq, dk, dv, causal)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv = _nan_in_grad_output(bad_do, dq, dk, dv, _visibility(lay, causal))
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _visibility(lay: Layout, causal: bool):
+    """The visibility the reference's NaN-policy helpers take: ``causal`` for a dense call, else [B, 1, LQ, LK]."""
+    if lay.q_rows is None:
+        return causal
+    from .batching import seqs_visibility
+
+    return seqs_visibility(lay.seqs, lay.B, lay.LQ, lay.LK, causal)
 
 
 def _nan_in_grad_output(bad_do, dq, dk, dv, causal):
     """A non-finite cotangent dO_id (the kernels ran with 0 in its place) makes NaN exactly the gradients that
     depend on it: dq of row i, dk of every key row i sees, dv_jd of every such key (column d only). Off the
     fast path, so the [Lq, Lk] visibility matrix of the reference is fine here."""
-    vis = reference.visible_mask(dq.shape[-2], dk.shape[-2], causal, device=dq.device)
+    vis = reference.visibility(dq.shape[-2], dk.shape[-2], causal, device=dq.device)
+    B, H, Hk = dq.shape[0], dq.shape[1], dk.shape[1]
     rows = bad_do.any(dim=-1)  # [B, H, Lq]
     nan = float("nan")
     dq = dq.masked_fill(rows[..., None], nan)
-    dk = dk.masked_fill(reference._reach(rows, vis).expand(*dk.shape[:-1])[..., None], nan)
-    dv = dv.masked_fill(reference._reach(bad_do, vis).expand(*dv.shape), nan)
+    # keys reached from the rows of any query head of the group (grouped queries: G heads read one key head)
+    reach_k = reference._reach(rows, vis).expand(B, H, dk.shape[2]).reshape(B, Hk, -1, dk.shape[2]).any(2)
+    reach_v = reference._reach(bad_do, vis).expand(B, H, *dv.shape[2:]).reshape(B, Hk, -1, *dv.shape[2:]).any(2)
+    dk = dk.masked_fill(reach_k[..., None], nan)
+    dv = dv.masked_fill(reach_v, nan)
     return dq, dk, dv
 
 
-def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: int = 3) -> torch.Tensor:
+SUPPORTS_SEQS = True
+"""The kernels take grouped-query K/V and sequence descriptors (``seqs``), see :func:`attention`."""
+
+
+def check_seqs(seqs, q, k, causal: bool) -> torch.Tensor:
+    """``seqs`` as an int32 [S, 5] tensor on q's device, or a ValueError/TypeError naming the problem: each row
+    (batch, q_start, q_end, k_start, k_end) within the tensors, non-empty, Lq <= Lk per sequence when causal,
+    and the sequences of one batch element disjoint in both query and key rows."""
+    B, LQ, LK = q.shape[0], q.shape[2], k.shape[2]
+    if not isinstance(seqs, torch.Tensor) or seqs.dtype not in (torch.int32, torch.int64) or seqs.ndim != 2 \
+            or seqs.shape[1] != 5:
+        raise ValueError(f"seqs must be an int32/int64 tensor [S, 5] of (batch, q_start, q_end, k_start, k_end), "
+                         f"got {type(seqs).__name__} {getattr(seqs, 'dtype', '')} {tuple(getattr(seqs, 'shape', ()))}")
+    if seqs.shape[0] == 0:
+        raise ValueError("seqs is empty: at least one sequence is needed")
+    t = seqs.detach().to("cpu", torch.int64)
+    b, q0, q1, k0, k1 = t.unbind(1)
+    bad = (b < 0) | (b >= B) | (q0 < 0) | (q1 > LQ) | (q1 <= q0) | (k0 < 0) | (k1 > LK) | (k1 <= k0)
+    if causal:
+        bad |= (q1 - q0) > (k1 - k0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"seqs row {i} = {t[i].tolist()} is not a sequence of q {tuple(q.shape)} / k "
+                         f"{tuple(k.shape)}: need 0 <= batch < {B}, 0 <= q_start < q_end <= {LQ}, 0 <= k_start < "
+                         f"k_end <= {LK}" + (", and no more query rows than key rows (causal)" if causal else ""))
+    for lo, hi, what in ((q0, q1, "query"), (k0, k1, "key")):
+        order = torch.argsort(b * (LQ + LK + 1) + lo)
+        same = b[order][1:] == b[order][:-1]
+        if (same & (lo[order][1:] < hi[order][:-1])).any():
+            raise ValueError(f"seqs: two sequences of one batch element share {what} rows")
+    return seqs.to(device=q.device, dtype=torch.int32).contiguous()
+
+
+def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: int = 3,
+              seqs: torch.Tensor | None = None) -> torch.Tensor:
     """LSSA (``method="lssa"``) or LSSAR (``"lssar"``) through the fused kernels; the result has q's dtype.
 
-    q [B, H, Lq, D], k/v [B, H, Lk, D]; causal uses bottom-right alignment (``Lq <= Lk``). The unit-sphere
-    normalisation (:func:`.reference.unit`: scaled by the row's largest entry first, so it neither overflows nor
-    underflows; a zero vector maps to 0) runs in PyTorch (float32) so autograd carries the gradient of q̂, k̂
-    back to q, k. ``p`` must not exceed :data:`P_MAX` (the gradients lose their precision above it).
+    q [B, H, LQ, D], k/v [B, H_kv, LK, D] with H a multiple of H_kv (grouped-query attention: query head h reads
+    key head h // (H / H_kv); K and V are never repeated in memory); causal uses bottom-right alignment.
+    ``seqs`` (optional): sequence descriptors, an integer tensor [S, 5] of rows (batch, q_start, q_end, k_start,
+    k_end): sequence s is the query rows [q_start, q_end) and key rows [k_start, k_end) of batch element
+    ``batch``, bottom-right aligned within itself (query row r sees key j iff k_start <= j < k_end and, causal,
+    j − k_start <= (r − q_start) + (k_end − k_start) − (q_end − q_start)), and N_i counts only its keys. Query
+    rows in no sequence output 0 and key rows in none get zero gradients. Without it: one sequence per batch
+    element, (b, 0, LQ, 0, LK). Padding masks and packed batches reach this form through
+    :mod:`.batching`. The unit-sphere normalisation (:func:`.reference.unit`: scaled by the row's largest entry
+    first, so it neither overflows nor underflows; a zero vector maps to 0) runs in PyTorch (float32) so
+    autograd carries the gradient of q̂, k̂ back to q, k. ``p`` must not exceed :data:`P_MAX`.
     """
     if method not in ("lssa", "lssar"):
         raise ValueError(f"the fused kernels implement 'lssa' and 'lssar', not {method!r}")
@@ -994,7 +1180,16 @@ def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: 
     why = unsupported_reason(q, k, v, explicit=True)
     if why is not None:
         raise ValueError(f"the fused kernels cannot run this call: {why}")
-    args = (method == "lssar", bool(causal), float(p), int(offset_rows))
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk < 1 or H % Hk or v.shape[:3] != k.shape[:3] or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must be [B, H_kv, Lk, D] with the batch of q and H_kv dividing its {H} heads, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if seqs is not None:
+        seqs = check_seqs(seqs, q, k, bool(causal))
+    elif causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs Lq <= Lk (queries are aligned to the last keys), got "
+                         f"Lq={q.shape[2]} > Lk={k.shape[2]}")
+    args = (method == "lssar", bool(causal), float(p), int(offset_rows), seqs)
     if reference._all_finite(q, k, v):
         return LSSAFunction.apply(reference.unit(q.float()), reference.unit(k.float()), v, *args)
     # NaN / ±Inf in an input: the kernels run on the finite part (non-finite elements replaced by 0) and the
@@ -1003,7 +1198,8 @@ def attention(q, k, v, method: str, causal: bool, p: float = 15.0, offset_rows: 
     # numbers; the all-finite check costs one reduction over q, k, v per call (and over dO in backward).
     fq, fk, fv = (reference._finite(t) for t in (q, k, v))
     o = LSSAFunction.apply(reference.unit(fq.float()), reference.unit(fk.float()), fv, *args)
-    return reference._NanPolicy.apply(o, q, k, v, reference._bad_outputs(q, k, v, causal), causal, method)
+    vis = _visibility(Layout(q.shape, k.shape, seqs, bool(causal), q.device), bool(causal))
+    return reference._NanPolicy.apply(o, q, k, v, reference._bad_outputs(q, k, v, vis), vis, method)
 
 
 def unsupported_reason(q, k, v, explicit: bool) -> str | None:
@@ -1034,7 +1230,8 @@ def unsupported_reason(q, k, v, explicit: bool) -> str | None:
     return None
 
 
-__all__ = ["attention", "unsupported_reason", "LSSAFunction", "lssa_fwd", "lssa_bwd", "poison_outputs",
+__all__ = ["attention", "unsupported_reason", "check_seqs", "Layout", "SUPPORTS_SEQS", "LSSAFunction", "lssa_fwd",
+           "lssa_bwd", "poison_outputs",
            "emulate_gpu_dots",
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "INTERPRET"]
 
@@ -1050,7 +1247,7 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
     qk_dt, pv_dt, ds_dt = (_DT_F32,) * 3 if dt == "fp32" else (_DT_F16, _DT_BF16 if dt == "bf16" else _DT_F16,
                                                                _DT_BF16)
     i32, f32 = "i32", "fp32"
-    dims = dict(Lq=i32, Lk=i32, off=i32)
+    dims = dict(seqs="*i32", LQ=i32, LK=i32, H=i32, G=i32)
     out = []
 
     def case(name, kernel, kind, sig, const, loops):
@@ -1078,14 +1275,17 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
              dict(q="*" + qk, k="*" + qk, kd="*" + dsd, v="*" + dt, o="*fp32", do="*" + dt, dos="*" + dos,
                   stats="*fp32", dq="*fp32", delta="*fp32", rterm="*fp32", **dims, offset_rows=i32, P=f32,
                   n_rows=i32),
-             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["full", "edge"])
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre, GROUPED=False), ["full", "edge"])
         case(f"{m}_dkdv", "lssa_bwd_dkdv_kernel", "dkdv",
              dict(q="*" + qk, qd="*" + dsd, k="*" + qk, v="*" + dt, do="*" + dt,
                   stats="*fp32", delta="*fp32", rterm="*fp32",
                   dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
-             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre, GROUPED=False), ["edge", "full"])
         case(f"{m}_bwd", "lssa_bwd_kernel", "dkdv",
              dict(q="*" + qk, qd="*" + dsd, k="*" + qk, kd="*" + dsd, v="*" + dt, do="*" + dos, rows="*fp32",
                   dq="*fp32", dk="*fp32", dv="*" + dt, **dims, P=f32, n_rows=i32),
-             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre), ["edge", "full"])
-    return out + yardstick_kernels.report_cases(D, dtype, causal, TILES)
+             dict(base, PM1_INT=14, DS_DT=ds_dt, PRESCALE=pre, GROUPED=False), ["edge", "full"])
+    # grouped queries (G > 1): the key-side loops run over (query head, tile); shown, not budgeted
+    gqa = dict(out[-1], name="lssar_bwd_gqa", constexprs=dict(out[-1]["constexprs"], GROUPED=True),
+               budget_of="lssar_bwd_gqa")
+    return out + [gqa] + yardstick_kernels.report_cases(D, dtype, causal, TILES)
