@@ -17,16 +17,17 @@ Here ``f = log2(1 + 2^t) = softplus(s)/ln 2`` with ``t = s·log2(e)`` (the ℓ1 
 are blind to the factor), ``s_ij = c_i q̂_i·k̂_j`` and ``c_i = ln(d)·ln(N_i)``.
 
 Grouped queries: the ``G = H / H_kv`` query heads of a key head are folded into the row dimension (``G·Lq``
-rows), so one program reads each K/V tile once for the whole group. Padding: per batch element the real keys are
-``[start_b, end_b)`` (left or right padding); a query row at key position ``r + Lk − Lq`` sees the keys
-``start_b <= j < end_b`` (and ``j <= r + Lk − Lq`` when causal), a query at a padding position outputs 0. Chunks
-outside ``[start_b, end_b)`` are skipped. The cache is read through its strides (a slice of a preallocated cache is
-not copied); the normalisations ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖`` happen on the tiles in registers, after division
-by the largest ``|x_d|`` (as :func:`.reference.unit`, so that ``‖x‖²`` cannot overflow).
+rows), so the group's queries are rows of the same programs and read each K/V tile together. Padding: per batch
+element the real keys are ``[start_b, end_b)`` (left or right padding); a query row at key position
+``r + Lk − Lq`` sees the keys ``start_b <= j < end_b`` (and ``j <= r + Lk − Lq`` when causal), a query at a padding
+position outputs 0. Chunks outside ``[start_b, end_b)`` are skipped. The cache is read through its strides (a
+slice of a preallocated cache is not copied); the normalisations ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖`` happen
+on the tiles in registers, after division by the largest ``|x_d|`` (as :func:`.reference.unit`, so that ``‖x‖²``
+cannot overflow).
 
 Launches per step: LSSA two (the chunks; the combine), LSSAR three (round 1; round 2, whose programs first sum
 round 1's partials of their rows into the row constants; the combine). Nothing else runs on the device between
-them, so a step costs no host-side tensor arithmetic beyond the NaN check every entry point makes.
+them, so a step costs no host-side tensor arithmetic.
 """
 
 from __future__ import annotations
@@ -136,16 +137,22 @@ def _n_bad(x):
 
 @triton.jit
 def _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D: tl.constexpr, HALF: tl.constexpr):
-    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j; k̂ formed in registers. Also the
-    # number of non-finite elements of the key tile.
+    # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j. b_q: q̃ (float16 when HALF).
+    # k̂ = (k/m)/‖k/m‖ with m = max_d |k_d|: the dot takes k/m (entries in [-1, 1], fit for float16) and the scores
+    # are scaled by 1/‖k/m‖ afterwards, one multiply per score instead of one per key element. Also the number
+    # of keys of the tile with a non-finite element (k/m then holds a NaN, so does ‖k/m‖²).
     o_d = tl.arange(0, D)
     b_k = tl.load(k_ptr + o_j[:, None] * s_kn + o_d[None, :], mask=(o_j < j_end)[:, None], other=0.0).to(tl.float32)
-    n_bad = _n_bad(b_k)
-    b_k = _unit_rows(b_k)  # [BN, D]
+    m = tl.max(tl.abs(b_k), 1)  # [BN]
+    b_k = b_k * (1.0 / tl.where(m > 0, m, 1.0))[:, None]
+    ss = tl.sum(b_k * b_k, 1)  # [BN], in [1, D] for a non-zero finite key
+    n_bad = tl.sum(((ss != ss) | (ss == float("inf"))).to(tl.int32), 0)
+    rn = tl.where(ss > 0, 1.0 / tl.sqrt(tl.where(ss > 0, ss, 1.0)), 0.0)  # a zero key has no direction: 0
     if HALF:
-        b_t = tl.dot(b_q.to(tl.float16), tl.trans(b_k.to(tl.float16)))
+        b_t = tl.dot(b_q, tl.trans(b_k.to(tl.float16)))
     else:
         b_t = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    b_t = b_t * rn[None, :]
     vis = (o_j[None, :] >= b_lo[:, None]) & (o_j[None, :] < b_hi[:, None]) & (o_j < j_end)[None, :]
     return tl.where(vis, b_t, float("-inf")), n_bad
 
@@ -179,8 +186,9 @@ def lss_decode_kernel(
     # strides (last dim contiguous); start/end [B] the real keys of each batch element (HAS_SPAN).
     # Round 1 writes per (chunk, row) part_z = Σ f and, for LSSAR, part_m = max t; LSSA also part_acc = Σ f·v.
     # Round 2 (LSSAR) first forms each row's constants from every chunk's part_z and part_m, then writes
-    # part_s = Σ u and part_acc = Σ u·v. Every program adds the number of non-finite elements it read to `bad`:
-    # the host then knows, without reading the cache again, whether the NaN policy has to take over.
+    # part_s = Σ u and part_acc = Σ u·v. Every program adds to `bad` a positive count when anything it read was
+    # non-finite (a key through ‖k/m‖², a value through its column of acc, q directly): the host then knows,
+    # without reading the cache again, whether the NaN policy has to take over.
     i_c = tl.program_id(0)
     i_m = tl.program_id(1)
     i_bh = tl.program_id(2)
@@ -199,6 +207,8 @@ def lss_decode_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)
     n_bad = _n_bad(b_q)
     b_q = _unit_rows(b_q) * (b_c * 1.4426950408889634)[:, None]
+    if HALF:  # the dot operand, converted once
+        b_q = b_q.to(tl.float16)
     k_ptr = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
     v_ptr = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
     p_s = (i_c * n_bh + i_bh).to(tl.int64) * R + o_m  # [BM] into the [n_chunks, B·Hkv, R] partials
@@ -239,10 +249,10 @@ def lss_decode_kernel(
                 b_w = tl.where((b_a > 0)[:, None], b_u, b_f)
             else:
                 b_w = b_f
-            b_v = _values(v_ptr, s_vn, o_j, j_end, D)
-            n_bad += _n_bad(b_v.to(tl.float32))
             b_s += tl.sum(b_w, 1)
-            b_acc += _pv(b_w, b_v, HALF)
+            b_acc += _pv(b_w, _values(v_ptr, s_vn, o_j, j_end, D), HALF)
+    if not (REWEIGHT and ROUND == 1):  # a non-finite value poisons its column of acc (0·NaN = 0·inf = NaN)
+        n_bad += _n_bad(b_acc)
     tl.atomic_add(bad, n_bad)
     if ROUND == 1:
         tl.store(part_z + p_s, b_s, mask=m_m)
@@ -317,6 +327,20 @@ def _row_ranges(B, Lq, Lk, causal, start, end, device):
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), (hi - lo).to(torch.float64)
 
 
+def _tiles(R: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BN, num_warps). On a GPU: 16 folded rows per program (more rows are more row blocks, whose programs
+    read the same K/V tiles at the same time, mostly from L2) and key tiles that compile without register spills
+    for sm_90a (checked offline with ``triton.compile``: bfloat16 at D = 128, BN = 64 with 8 warps, 183 to 192
+    registers; at D = 64, 4 warps, 194; float32, whose exact dots run on the FMA units, BN = 16 at D = 128, 73;
+    D = 256 keeps an 8-byte stack frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
+    with the number of programs and tile iterations, not with their size)."""
+    if INTERPRET:
+        return min(64, max(16, triton.next_power_of_2(R))), 16, 4
+    if dtype == torch.float32:
+        return 16, (16 if D >= 128 else 32), 8 if D >= 128 else 4
+    return 16, (64 if D <= 128 else 32), 8 if D >= 128 else 4
+
+
 def _chunking(Lk: int, n_prog: int, device, chunk: int | None, BN: int) -> int:
     """Keys per chunk, a multiple of BN: enough chunks for about two programs per multiprocessor on a GPU."""
     if chunk is not None:
@@ -330,10 +354,10 @@ def _chunking(Lk: int, n_prog: int, device, chunk: int | None, BN: int) -> int:
 
 def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float = 15.0, offset_rows: int = 3,
            chunk: int | None = None):
-    """The kernel launches: ``(o, bad)``, o ``[B, H, Lq, D]`` in q's dtype and ``bad`` (int32 ``[1]``) the number of
-    non-finite elements the kernels read (o is valid only when it is 0). ``start``/``end``: ``[B]`` real keys per
-    batch element (None: all); ``chunk``: keys per program (None: chosen for the device). Two launches for LSSA
-    (the chunks, the combine), three for LSSAR."""
+    """The kernel launches: ``(o, bad)``, o ``[B, H, Lq, D]`` in q's dtype and ``bad`` (int32 ``[1]``), 0 when every
+    value the kernels read was finite (o is valid only then). ``start``/``end``: ``[B]`` real keys per batch
+    element (None: all); ``chunk``: keys per program (None: chosen for the device). Two launches for LSSA (the
+    chunks, the combine), three for LSSAR."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     R = (H // Hkv) * Lq
@@ -345,8 +369,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
         end = end.to(device=dev, dtype=torch.int32).contiguous()
     else:
         start = end = torch.zeros(1, dtype=torch.int32, device=dev)  # not read
-    BM = min(64, max(16, triton.next_power_of_2(R)))
-    BN = 16 if INTERPRET else 64
+    BM, BN, warps = _tiles(R, D, q.dtype)
     n_m = triton.cdiv(R, BM)
     ck = _chunking(Lk, n_m * B * Hkv, dev, chunk, BN)
     n_c = triton.cdiv(Lk, ck)
@@ -363,7 +386,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
             Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D))
     p_int = int(p) if float(p).is_integer() and 1 <= p <= MAX_INT_P else -1
     meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
-                HALF=q.dtype != torch.float32 and not INTERPRET)
+                HALF=q.dtype != torch.float32 and not INTERPRET, num_warps=warps, num_stages=2)
     grid = (n_c, n_m, B * Hkv)
     lss_decode_kernel[grid](*args, ROUND=1, **meta)
     if reweight:
@@ -378,8 +401,8 @@ def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float
 
     ``start``/``end`` (``[B]`` integers, both or neither): the real keys of each batch element are
     ``[start_b, end_b)``; queries at padding positions output 0. Non-finite inputs follow the package's NaN policy:
-    the kernels count the non-finite elements they read (one integer; the cache is not read a second time for a
-    check), and when there are any the step runs again on the finite part of the inputs and the reference's policy
+    the kernels flag non-finite values among those they read (one integer; the cache is not read a second time
+    for a check), and when there are any the step runs again on the finite part of the inputs and the reference's policy
     marks the outputs that depend on a non-finite element. No gradient flows through this function: the API calls
     it only when none is needed.
     """
