@@ -330,7 +330,7 @@ def _row_ranges(B, Lq, Lk, causal, start, end, device):
 def _tiles(R: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BM, BN, num_warps). On a GPU: 16 folded rows per program (more rows are more row blocks, whose programs
     read the same K/V tiles at the same time, mostly from L2) and key tiles that compile without register spills
-    for sm_90a (checked offline with ``triton.compile``: bfloat16 at D = 128, BN = 64 with 8 warps, 183 to 192
+    for sm_90a (checked offline with ``triton.compile``: bfloat16 at D = 128, BN = 64 with 8 warps, 183 to 235
     registers; at D = 64, 4 warps, 194; float32, whose exact dots run on the FMA units, BN = 16 at D = 128, 73;
     D = 256 keeps an 8-byte stack frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
     with the number of programs and tile iterations, not with their size)."""
