@@ -389,7 +389,8 @@ def test_fused_kernels_match_reference(case, method, monkeypatch):
     assert len(calls) == 1 and (calls[0] is not None) == bool(kw)
     for name, x, r in zip(("o", "dq", "dk", "dv"), *outs):
         assert x.shape == r.shape and torch.isfinite(x).all(), name
-        assert rel_err(x, r) <= (2e-5 if name == "o" else 1e-4), f"{case} {method} {name}: {rel_err(x, r):.2e}"
+        tol = (2e-5, 1e-4) if dev == "cpu" else (1e-4, 5e-4)  # the kernel tests' float32 tolerances (GPU: FMA order)
+        assert rel_err(x, r) <= tol[name != "o"], f"{case} {method} {name}: {rel_err(x, r):.2e}"
     if "key_padding_mask" in kw:  # padding queries: output and gradient exactly 0
         real_q = batching.query_padding(kw["key_padding_mask"].bool(), Lq)
         assert torch.all(outs[0][0][~real_q[:, None, :, None].expand_as(outs[0][0])] == 0)
