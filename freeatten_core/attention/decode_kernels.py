@@ -67,6 +67,22 @@ def poison_outputs(enabled: bool = True):
         _POISON = old
 
 
+_EMULATE_GPU_DOTS = False
+
+
+@contextlib.contextmanager
+def emulate_gpu_dots(enabled: bool = True):
+    """Test hook: in the interpreter, round the dot operands of half-precision inputs as the GPU does (q̃ and k/m
+    to float16, the weights to the dtype of v; bfloat16 rounding emulated bit-exactly in float32, because the
+    interpreter's bfloat16 dot is unreliable), so the CPU tests check the GPU's operand precision."""
+    global _EMULATE_GPU_DOTS
+    old, _EMULATE_GPU_DOTS = _EMULATE_GPU_DOTS, enabled
+    try:
+        yield
+    finally:
+        _EMULATE_GPU_DOTS = old
+
+
 def _new(shape, dtype, device) -> torch.Tensor:
     if _POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -76,6 +92,14 @@ def _new(shape, dtype, device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Device code
 # --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_bf16(x):
+    # x rounded to the nearest bfloat16 (ties to even), kept in float32: bit arithmetic, exact in the interpreter
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -138,6 +162,7 @@ def _n_bad(x):
 @triton.jit
 def _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D: tl.constexpr, HALF: tl.constexpr):
     # [BM, BN] t_ij = q̃_i·k̂_j for keys o_j, −inf where row i does not see key j. b_q: q̃ (float16 when HALF).
+    # HALF: 0 exact float32 dots; 1 half-precision operands on the tensor cores; 2 their rounding emulated.
     # k̂ = (k/m)/‖k/m‖ with m = max_d |k_d|: the dot takes k/m (entries in [-1, 1], fit for float16) and the scores
     # are scaled by 1/‖k/m‖ afterwards, one multiply per score instead of one per key element. Also the number
     # of keys of the tile with a non-finite element (k/m then holds a NaN, so does ‖k/m‖²).
@@ -148,8 +173,10 @@ def _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D: tl.constexpr, HALF: tl.
     ss = tl.sum(b_k * b_k, 1)  # [BN], in [1, D] for a non-zero finite key
     n_bad = tl.sum(((ss != ss) | (ss == float("inf"))).to(tl.int32), 0)
     rn = tl.where(ss > 0, 1.0 / tl.sqrt(tl.where(ss > 0, ss, 1.0)), 0.0)  # a zero key has no direction: 0
-    if HALF:
+    if HALF == 1:
         b_t = tl.dot(b_q, tl.trans(b_k.to(tl.float16)))
+    elif HALF == 2:
+        b_t = tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float16).to(tl.float32)), input_precision="ieee")
     else:
         b_t = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     b_t = b_t * rn[None, :]
@@ -166,8 +193,14 @@ def _values(v_ptr, s_vn, o_j, j_end, D: tl.constexpr):
 @triton.jit
 def _pv(b_w, b_v, HALF: tl.constexpr):
     # Σ_j w_ij v_j: half-precision values stay in their dtype on the tensor cores (w cast to it), float32 exact
-    if HALF:
+    if HALF == 1:
         r = tl.dot(b_w.to(b_v.dtype), b_v)
+    elif HALF == 2:
+        if b_v.dtype == tl.bfloat16:
+            b_w = _round_bf16(b_w)
+        else:
+            b_w = b_w.to(tl.float16).to(tl.float32)
+        r = tl.dot(b_w, b_v.to(tl.float32), input_precision="ieee")
     else:
         r = tl.dot(b_w, b_v.to(tl.float32), input_precision="ieee")
     return r
@@ -207,7 +240,7 @@ def lss_decode_kernel(
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0).to(tl.float32)
     n_bad = _n_bad(b_q)
     b_q = _unit_rows(b_q) * (b_c * 1.4426950408889634)[:, None]
-    if HALF:  # the dot operand, converted once
+    if HALF != 0:  # the dot operand, converted once
         b_q = b_q.to(tl.float16)
     k_ptr = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
     v_ptr = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
@@ -327,6 +360,16 @@ def _row_ranges(B, Lq, Lk, causal, start, end, device):
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), (hi - lo).to(torch.float64)
 
 
+def _half(dtype: torch.dtype) -> int:
+    """The HALF constexpr: 0 float32 dots (float32 inputs; the interpreter), 1 half-precision dot operands (half
+    inputs on a GPU), 2 their rounding emulated in the interpreter (:func:`emulate_gpu_dots`)."""
+    if dtype == torch.float32:
+        return 0
+    if INTERPRET:
+        return 2 if _EMULATE_GPU_DOTS else 0
+    return 1
+
+
 def _tiles(R: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BM, BN, num_warps). On a GPU: 16 folded rows per program (more rows are more row blocks, whose programs
     read the same K/V tiles at the same time, mostly from L2) and key tiles that compile without register spills
@@ -386,7 +429,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
             Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D))
     p_int = int(p) if float(p).is_integer() and 1 <= p <= MAX_INT_P else -1
     meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
-                HALF=q.dtype != torch.float32 and not INTERPRET, num_warps=warps, num_stages=2)
+                HALF=_half(q.dtype), num_warps=warps, num_stages=2)
     grid = (n_c, n_m, B * Hkv)
     lss_decode_kernel[grid](*args, ROUND=1, **meta)
     if reweight:
