@@ -191,3 +191,12 @@ def test_decode_bad_calls():
         dk.attention(rand(1, 1, 17, 16), rand(1, 1, 20, 16), rand(1, 1, 20, 16), "lssa", True)
     with pytest.raises(ValueError, match="both start and end"):
         dk.attention(q, k, v, "lssa", True, start=torch.zeros(1, dtype=torch.int64))
+
+
+def test_threshold_coefficients_are_the_reference_threshold():
+    """The kernel forms τ_i from three coefficients read off reference.uniform_threshold: they reproduce it."""
+    t0, tc, tn = dk._tau_coefficients(64)
+    c = torch.tensor([0.0, 3.5, 40.0], dtype=torch.float64)
+    N = torch.tensor([1.0, 100.0, 65536.0], dtype=torch.float64)
+    torch.testing.assert_close(t0 + tc * c + tn * N, reference.uniform_threshold(c, N, 64, torch.float32),
+                               rtol=1e-12, atol=0)

@@ -210,7 +210,7 @@ def _pv(b_w, b_v, HALF: tl.constexpr):
 def lss_decode_kernel(
     q, k, v, start, end, part_z, part_m, part_s, part_acc, bad,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-    Hkv, Lq, Lk, R, chunk, n_chunks, offset_rows, P, LN_D,
+    Hkv, Lq, Lk, R, chunk, n_chunks, offset_rows, P, LN_D, TAU0, TAU_C, TAU_N,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_SPAN: tl.constexpr,
     ROUND: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, HALF: tl.constexpr,
 ):
@@ -257,7 +257,7 @@ def lss_decode_kernel(
         b_F = _softplus2(b_T)
         b_O = tl.where(b_N > offset_rows, 1.0, 0.0)
         b_den = b_N * b_F - b_O * b_Z
-        b_tau = 1.1920928955078125e-07 * (8.0 + 2.0 * b_c * D + b_N / 16.0)  # reference.uniform_threshold
+        b_tau = TAU0 + TAU_C * b_c + TAU_N * b_N  # reference.uniform_threshold(c, N, D, float32), see `decode`
         ok = b_den > b_tau * b_Z
         b_rden = 1.0 / tl.where(ok, b_den, 1.0)
         b_a = tl.where(ok, b_N * b_rden, 0.0)
@@ -360,6 +360,15 @@ def _row_ranges(B, Lq, Lk, causal, start, end, device):
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), (hi - lo).to(torch.float64)
 
 
+def _tau_coefficients(D: int) -> tuple[float, float, float]:
+    """LSSAR's uniform-row threshold τ_i = τ0 + τc·c_i + τn·N_i (float32 rows), read off
+    :func:`.reference.uniform_threshold` (affine in the score bound c_i and in N_i), so that the kernel holds no
+    second copy of its constants."""
+    t0 = float(reference.uniform_threshold(0.0, 0.0, D, torch.float32))
+    return (t0, float(reference.uniform_threshold(1.0, 0.0, D, torch.float32)) - t0,
+            float(reference.uniform_threshold(0.0, 1.0, D, torch.float32)) - t0)
+
+
 def _half(dtype: torch.dtype) -> int:
     """The HALF constexpr: 0 float32 dots (float32 inputs; the interpreter), 1 half-precision dot operands (half
     inputs on a GPU), 2 their rounding emulated in the interpreter (:func:`emulate_gpu_dots`)."""
@@ -426,7 +435,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
     args = (q, k, v, start, end, part_z, part_m, part_s, part_acc, bad,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D))
+            Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D), *_tau_coefficients(D))
     p_int = int(p) if float(p).is_integer() and 1 <= p <= MAX_INT_P else -1
     meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
                 HALF=_half(q.dtype), num_warps=warps, num_stages=2)
