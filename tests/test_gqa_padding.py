@@ -265,6 +265,8 @@ def test_sdpa_softmax_with_gqa_and_padding():
     torch.testing.assert_close(got, ref(q, k, v, "softmax", key_padding_mask=mask), rtol=1e-10, atol=1e-10)
     assert torch.all(got[1, :, 2] == 0)  # the last query sits at a padding position
     torch.testing.assert_close(api.sdpa_softmax(q, k, v, True), ref(q, k, v, "softmax"), rtol=1e-10, atol=1e-10)
+    q1 = q[:, :, -1:]  # one decoding query: no mask at all
+    torch.testing.assert_close(api.sdpa_softmax(q1, k, v, True), ref(q1, k, v, "softmax"), rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -103,13 +103,16 @@ def sdpa_softmax(q, k, v, causal: bool, visible: torch.Tensor | None = None):
     causal rule, and a row that sees no key outputs 0, as in the reference.
     """
     kw = dict(enable_gqa=True) if q.shape[1] != k.shape[1] else {}
+    Lq, Lk = q.shape[-2], k.shape[-2]
     if visible is None:
-        if not causal:
+        if not causal or Lq == 1:  # one query at the last position sees every key
             return F.scaled_dot_product_attention(q, k, v, **kw)
-        if q.shape[-2] == k.shape[-2]:
+        if Lq == Lk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-    # SDPA's is_causal aligns top-left; the package aligns the queries to the last keys
-    vis = reference.visibility(q.shape[-2], k.shape[-2], causal, visible, device=q.device)
+        # SDPA's is_causal aligns top-left; the package aligns the queries to the last keys (every row sees some)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=reference.visible_mask(Lq, Lk, True, q.device),
+                                              **kw)
+    vis = reference.visibility(Lq, Lk, causal, visible, device=q.device)
     empty = ~vis.any(dim=-1, keepdim=True)  # rows that see no key: any finite stand-in, then 0
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=vis | empty, **kw)
     return o.masked_fill(empty, 0.0) if bool(empty.any()) else o
