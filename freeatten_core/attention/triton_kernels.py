@@ -961,7 +961,7 @@ def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows
     lay = layout or Layout(qs.shape, ks.shape, None, causal, qs.device)
     o = _new((B, H, Lq, D), torch.float32, qs.device)
     stats = _new((4, B * H, Lq), torch.float32, qs.device)
-    grad = bool(grad and reweight)
+    grad = bool(grad and reweight and _one_pass(qs.device))  # W and G serve only the one-pass backward
     w = _new((B, H, Lq, D), torch.float32, qs.device) if grad else o  # (o: a placeholder the kernel never writes)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
     tau = tau.expand(B, Lq).contiguous() if tau.ndim == 1 else tau
@@ -984,13 +984,22 @@ def deterministic_backward() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("FREEATTEN_DETERMINISTIC", "0") == "1"
 
 
+def _one_pass(device) -> bool:
+    """Whether the backward runs in one pass: unless :func:`deterministic_backward`, and on Hopper or newer (and in
+    the interpreter). Compiled for Ampere (sm_80) the one-pass kernel spills registers in the main tiles (kernel
+    report), so Ampere keeps the two kernels."""
+    if deterministic_backward():
+        return False
+    return INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int, w=None,
              layout: Layout | None = None):
     """Backward. Returns Σ_j dt_ij k̂_j (to be scaled by c_i·log2(e)), dk̂ (float32) and dv (v's dtype).
 
     One pass (:func:`lssa_bwd_kernel`, dq through float32 atomics) after a few per-row tensor operations here;
-    LSSAR needs the forward's W (``lssa_fwd(..., grad=True)``). With :func:`deterministic_backward`, or without W,
-    the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
+    LSSAR needs the forward's W (``lssa_fwd(..., grad=True)``). With :func:`deterministic_backward`, on GPUs older
+    than Hopper (:func:`_one_pass`), or without W, the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
     B, H, Lq, D = qs.shape
     Hk, Lk = ks.shape[1], ks.shape[2]
     lay = layout or Layout(qs.shape, ks.shape, None, causal, qs.device)
@@ -1008,7 +1017,7 @@ def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, of
     kd = ks.to(torch.bfloat16) if half else ks
     qd = qs.to(torch.bfloat16) if half else qs
     dos_dtype = torch.bfloat16 if pv_dt == _DT_BF16 else torch.float32
-    if not deterministic_backward() and (w is not None or not reweight):
+    if _one_pass(dev) and (w is not None or not reweight):
         dq = torch.zeros((B, H, Lq, D), dtype=torch.float32, device=dev)  # the atomics accumulate into it
         rows, dos = _bwd_rows(o, do, stats, w, reweight, prescale, p, offset_rows, lay.N, pv_dt, dos_dtype)
         _launch(lssa_bwd_kernel, "dkdv", lay.max_k, S * Hk,
