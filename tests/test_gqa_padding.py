@@ -397,3 +397,14 @@ def test_fused_kernels_match_reference(case, method, monkeypatch):
         real_q = batching.query_padding(kw["key_padding_mask"].bool(), Lq)
         assert torch.all(outs[0][0][~real_q[:, None, :, None].expand_as(outs[0][0])] == 0)
         assert torch.all(outs[0][1].transpose(1, 2)[~real_q] == 0)
+
+
+def test_fused_all_padding_batch_is_zero():
+    """No query row sees a real token (no sequence descriptor at all): zeros, and zero gradients."""
+    _kernels_with_seqs()
+    q, k, v = (x.requires_grad_(True) for x in qkv(2, 2, 1, 4, 6, dtype=torch.float32))
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [0] * 6], dtype=torch.bool)  # row 0: the queries sit at positions 2..5
+    assert batching.padding_seqs(mask, 4).shape[0] == 0
+    o = fa.attention(q, k, v, "lssar", backend="triton", key_padding_mask=mask)
+    o.sum().backward()
+    assert torch.all(o == 0) and torch.all(q.grad == 0) and torch.all(k.grad == 0) and torch.all(v.grad == 0)

@@ -136,7 +136,7 @@ def _fused(q, k, v, name, causal, explicit, mask, cu, opts):
         why = batching.non_contiguous_reason(mask)
         if why is not None:
             return None, why
-    Lq, Lk = q.shape[2], k.shape[2]
+    Lq = q.shape[2]
     if Lq <= DECODE_MAX_QUERIES and cu is None and not _needs_grad(q, k, v):
         dec, _ = _decode_backend()
         if dec is not None and dec.unsupported_reason(q, k, v) is None:
