@@ -96,8 +96,8 @@ def stamp(fig, preset: str | None = None, prov=None) -> str:
     """Label a results figure with where it came from: device, preset, commit and date (bottom right).
 
     ``prov`` is a :func:`freeatten_core.provenance.provenance` record (default: this run, now), or a list of
-    them for a figure drawn from several runs (e.g. one per seed): devices, commits and dates are then listed
-    once each, the dates as a range. Returns the text.
+    them for a figure drawn from several runs (e.g. one per seed): devices are listed once each, commits and
+    dates as the range from the earliest run to the latest. Returns the text.
     """
     if prov is None:
         from .provenance import provenance
@@ -112,11 +112,12 @@ def stamp(fig, preset: str | None = None, prov=None) -> str:
         dirty = commit.endswith("+dirty")
         return commit.removesuffix("+dirty")[:12] + (" + local changes" if dirty else "")
 
+    records = sorted(records, key=lambda r: r.get("date_utc") or "")
     devices = list(dict.fromkeys(r.get("device", "?") for r in records))
     commits = list(dict.fromkeys(short(r.get("git_commit")) for r in records))
     dates = sorted({(r.get("date_utc") or "?")[:10] for r in records})
     parts = [" / ".join(devices), f"preset {preset}" if preset else None,
-             ("commit " if len(commits) == 1 else "commits ") + ", ".join(commits),
+             f"commit {commits[0]}" if len(commits) == 1 else f"commits {commits[0]} … {commits[-1]}",
              dates[0] if len(dates) == 1 else f"{dates[0]} – {dates[-1]}"]
     text = " · ".join(p for p in parts if p)
     fig.text(0.995, 0.005, text, ha="right", va="bottom", fontsize=7, color="#555555")

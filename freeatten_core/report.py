@@ -168,15 +168,19 @@ def mean_sd(values) -> tuple[float, float]:
 
 
 def seed_provenance_line(runs: dict) -> str:
-    """One sentence naming where a multi-seed run came from: device, seeds, commit(s), dates, folder."""
-    provs = runs["provenance"]
+    """One sentence naming where a multi-seed run came from: device, seeds, commits (the first and the last
+    when the runs span several), dates, folder."""
+    provs = sorted(runs["provenance"], key=lambda p: p.get("date_utc", ""))
     devices = sorted({p.get("device", "?") for p in provs})
-    commits = sorted({str(p.get("git_commit") or "unknown")[:10] + (" (uncommitted changes)" if str(
-        p.get("git_commit", "")).endswith("+dirty") else "") for p in provs})
-    dates = sorted(p.get("date_utc", "?") for p in provs)
+
+    commits = list(dict.fromkeys(str(p.get("git_commit") or "unknown").removesuffix("+dirty")[:10] for p in provs))
+    dirty = any(str(p.get("git_commit", "")).endswith("+dirty") for p in provs)
+    commit = (f"commit {commits[0]}" if len(commits) == 1 else
+              f"commits {commits[0]} to {commits[-1]} ({len(commits)} commits while the runs went on)")
+    commit += " with uncommitted changes in the working tree" if dirty else ""
     return (f"`{runs['preset']}` preset, training seeds {', '.join(map(str, runs['seeds']))}, on "
-            f"{' / '.join(devices)}, torch {provs[0].get('torch', '?')}, commit {', '.join(commits)}, "
-            f"{dates[0]} – {dates[-1]} (`{runs['path']}/`)")
+            f"{' / '.join(devices)}, torch {provs[0].get('torch', '?')}, {commit}, "
+            f"{provs[0].get('date_utc', '?')} – {provs[-1].get('date_utc', '?')} (`{runs['path']}/`)")
 
 
 def seed_table(runs: dict, metric: str = "loss_last") -> str:

@@ -158,6 +158,6 @@ def test_plot_over_seeds_draws_mean_band_and_points_and_stamp_lists_runs():
     text = plotting.stamp(fig, "cpu", [{"device": "cpu: x86_64", "git_commit": "a" * 40, "date_utc": "2026-01-01"},
                                        {"device": "cpu: x86_64", "git_commit": "b" * 40 + "+dirty",
                                         "date_utc": "2026-01-03"}])
-    assert text == ("cpu: x86_64 · preset cpu · commits aaaaaaaaaaaa, bbbbbbbbbbbb + local changes · "
+    assert text == ("cpu: x86_64 · preset cpu · commits aaaaaaaaaaaa … bbbbbbbbbbbb + local changes · "
                     "2026-01-01 – 2026-01-03")
     plt.close(fig)
