@@ -143,6 +143,28 @@ def test_packed_sequences_equal_separate_sequences(arch):
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
 
 
+def test_compiled_model_has_no_graph_breaks_and_equals_eager():
+    """Under torch.compile the attention (mask decoding included) is one operator: no graph break, and a padded
+    batch's loss and gradients equal eager (backend aot_eager)."""
+    torch._dynamo.reset()
+    m = model("llama").train()
+    x = ids(2, 10, seed=6)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+
+    def loss(x, mask):
+        return m(x, attention_mask=mask, labels=x, use_cache=False).loss
+
+    results = []
+    for f in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):  # fullgraph: a break would raise
+        m.zero_grad()
+        value = f(x, mask)
+        value.backward()
+        results.append([value.detach()] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_lssa_and_options_register():
     names = fa_hf.register(methods=("lssa", "lssar"), p=8.0)
     try:

@@ -31,6 +31,9 @@ attention with :func:`freeatten_core.attention`. What the adapter does with what
   Any other mask (sliding window, chunked, bidirectional blocks, a float mask with biases) cannot be expressed
   and raises a ``ValueError``.
 * ``softcap``, ``sliding_window``, attention sinks (``s_aux``) and ``position_bias`` raise a ``ValueError``.
+* **torch.compile**: while a model is traced, ``lssa``/``lssar`` run as one operator,
+  ``torch.ops.freeatten.hf_attention`` (mask decoding and attention inside; its backward recomputes the forward,
+  as :mod:`freeatten_core.attention.ops` does), so the attention adds no graph break.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ except ImportError as e:
 
 import torch
 
-from ..attention import api, reference
-from ..attention.methods import BACKENDS, METHODS, REGISTRY, resolve
+from ..attention import ops, reference
+from ..attention.methods import BACKENDS, FUSED_METHODS, METHODS, REGISTRY, resolve
 
 _MAJOR = int(_hf.__version__.split(".")[0])
 if _MAJOR < 5:
@@ -149,6 +152,66 @@ def _lssa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, allow_i
                      kv_offset=kv_offset, allow_is_causal_skip=skip, **kwargs)
 
 
+def _attend(query, key, value, attention_mask, name, causal, backend, opts):
+    """The mask decoded (:func:`mask_to_batching`), then :func:`freeatten_core.attention`; ``[B, H, Lq, D]``."""
+    B, _, Lq, _ = query.shape
+    keep, kpm, cu = mask_to_batching(attention_mask, B, Lq, key.shape[2], causal)
+    key, value = key[:, :, :keep], value[:, :, :keep]  # grouped-query k/v go as they are
+    return ops.attention(query, key, value, method=name, causal=causal, backend=backend, key_padding_mask=kpm,
+                         cu_seqlens=cu, **opts)
+
+
+def _opts(name, p, offset_rows):
+    return dict(p=p, offset_rows=offset_rows) if name == "lssar" else {}
+
+
+@torch.library.custom_op("freeatten::hf_attention", mutates_args=())
+def hf_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                 method: str, causal: bool, backend: str, p: float, offset_rows: int) -> torch.Tensor:
+    """:func:`_attend` as one operator (what a model traced by ``torch.compile`` calls): the mask's values are read
+    at run time, inside. ``p``, ``offset_rows``: used by ``lssar`` only."""
+    with torch.no_grad():
+        out = _attend(query, key, value, attention_mask, method, causal, backend, _opts(method, p, offset_rows))
+    return out.contiguous().clone()
+
+
+@hf_attention.register_fake
+def _(query, key, value, attention_mask, method, causal, backend, p, offset_rows):
+    return query.new_empty(query.shape)
+
+
+@torch.library.custom_op("freeatten::hf_attention_backward", mutates_args=())
+def hf_attention_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, method: str, causal: bool, backend: str, p: float,
+                          offset_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`hf_attention`: the forward recomputed under autograd (as in :mod:`..attention.ops`)."""
+    with ops._autograd_inside_operator(), torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+        out = _attend(q, k, v, attention_mask, method, causal, backend, _opts(method, p, offset_rows))
+        grads = torch.autograd.grad(out, (q, k, v), grad, allow_unused=True)
+    return tuple(t.new_zeros(t.shape) if g is None else g.contiguous().clone() for g, t in zip(grads, (q, k, v)))
+
+
+@hf_attention_backward.register_fake
+def _(grad, query, key, value, attention_mask, method, causal, backend, p, offset_rows):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attention_mask, *args = inputs
+    ctx.save_for_backward(query, key, value)
+    ctx.mask, ctx.args = attention_mask, args
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = hf_attention_backward(grad.contiguous(), q, k, v, ctx.mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+hf_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
 def make_attention_function(method: str = "lssar", backend: str = "auto", **options):
     """An ``AttentionInterface`` function computing ``method`` with :func:`freeatten_core.attention`.
 
@@ -174,14 +237,16 @@ def make_attention_function(method: str = "lssar", backend: str = "auto", **opti
             raise ValueError(f"method {name!r} scales scores by 1/sqrt(head_dim) = {1 / math.sqrt(D):.6g}; the model "
                              f"asks for scaling={scaling}")
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        B, H, Lq, _ = query.shape
-        Hkv, Lk = key.shape[1], key.shape[2]
+        H, Hkv = query.shape[1], key.shape[1]
         if H % Hkv:
             raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-        keep, kpm, cu = mask_to_batching(attention_mask, B, Lq, Lk, causal)
-        key, value = key[:, :, :keep], value[:, :, :keep]  # grouped-query k/v go as they are
-        out = api.attention(query, key, value, method=name, causal=causal, backend=backend, key_padding_mask=kpm,
-                            cu_seqlens=cu, **opts)
+        if torch.compiler.is_compiling() and name in FUSED_METHODS:
+            # reading the mask's values would break the graph: decoding and attention run inside one operator
+            full = {**REGISTRY["lssar"].options, **opts}
+            out = hf_attention(query, key, value, attention_mask, name, causal, backend, float(full["p"]),
+                               int(full["offset_rows"]))
+        else:
+            out = _attend(query, key, value, attention_mask, name, causal, backend, opts)
         return out.transpose(1, 2).contiguous(), None
 
     attention_forward.__name__ = f"{name}_attention_forward"
