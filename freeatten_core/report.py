@@ -226,7 +226,7 @@ def _pm(values, digits: int = 2, signed: bool = False) -> str:
     """``mean ± sd`` over seeds, or the single value when there is one seed (one run has no spread)."""
     mean, sd = mean_sd(values)
     head = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return head if len(values) == 1 else f"{head} ± {sd:.{digits}f}"
+    return head if len(values) == 1 else f"{head}\u00a0±\u00a0{sd:.{digits}f}"  # no break inside a number
 
 
 def paper_comparison_table(ci: dict | None = None, seeds: dict | None = None, metric: str = "loss_last") -> str:

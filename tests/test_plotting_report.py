@@ -131,14 +131,15 @@ def test_seed_runs_are_summarised_as_mean_and_sample_sd(tmp_path):
     assert report.mean_sd([3.0, 3.4, 3.8]) == pytest.approx((3.4, 0.4))
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in report.seed_table(runs).splitlines()[2:]}
-    assert rows["Softmax"] == ["3", "2.200 ± 0.200", "3.400 ± 0.400", "3.500 ± 0.400", "+1.300 ± 0.200"]
+    assert [c.replace("\u00a0", " ") for c in rows["Softmax"]] == ["3", "2.200 ± 0.200", "3.400 ± 0.400", "3.500 ± 0.400",
+                                                                  "+1.300 ± 0.200"]
     assert rows["LSSAR (p = 15)"][0] == "1" and rows["LSSAR (p = 15)"][-1] == "+0.100"  # one seed: no spread
     assert report.seed_claims(runs)[0]["reproduced"] == 2 and report.seed_claims(runs)[0]["of"] == 3
     assert "2 of 3 seeds" in report.seed_claims_table(runs)
     assert "2026-01-01T00:00:00Z – 2026-01-03T00:00:00Z" in report.seed_provenance_line(runs)
     table = report.paper_comparison_table(None, runs)
     softmax = [r for r in table.splitlines() if "3 seeds" in r][0]
-    assert "2.20 ± 0.20" in softmax and "degrades (all 3)" in softmax
+    assert "2.20\u00a0±\u00a00.20" in softmax and "degrades (all 3)" in softmax
     paper = [r for r in table.splitlines() if r.startswith("| Softmax | paper")][0]
     assert "missing" in paper  # the secondary source has no 16x column
 
