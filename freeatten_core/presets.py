@@ -2,7 +2,7 @@
 
 * ``ci``: CPU, 2 cores. Byte-level Shakespeare, L = 64, a ~0.4M-parameter model; one model trains in well under
   a minute; evaluation up to 16 x 64 = 1024 tokens. This is what the book's notebooks execute.
-* ``cpu``: a laptop CPU, one core. The ``ci`` model at twice the training length (L = 128) trained on 2.7x the
+* ``cpu``: a laptop CPU, one core. The ``ci`` model at twice the training length (L = 128) trained on 3.3x the
   tokens (1000 steps of 16 x 128): a few minutes per model, long enough for the curves beyond L to separate;
   evaluation up to 16 x 128 = 2048 tokens over 32 windows. The book's committed multi-seed run
   (``results/cpu/``) is this preset.
