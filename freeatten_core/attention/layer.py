@@ -91,7 +91,7 @@ class AttentionLayer(nn.Module):
                 f"method={self.method!r}{opts}, causal={self.causal}, backend={self.backend!r}, "
                 f"rope={None if self.rotary is None else self.rotary.base}")
 
-    def heads(self, x: torch.Tensor, key_padding_mask=None, cu_seqlens=None):
+    def heads(self, x: torch.Tensor, cu_seqlens=None):
         """q ``[B, H, L, D]``, k, v ``[B, H_kv, L, D]`` (after RoPE): what :meth:`forward` hands to the attention."""
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -111,7 +111,7 @@ class AttentionLayer(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, key_padding_mask=None, cu_seqlens=None) -> torch.Tensor:
-        q, k, v = self.heads(x, key_padding_mask, cu_seqlens)
+        q, k, v = self.heads(x, cu_seqlens)
         y = attention_fn(q, k, v, method=self.method, causal=self.causal, backend=self.backend,
                          key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, **self.method_options)
         B, _, L, _ = y.shape
