@@ -76,6 +76,10 @@ CEILINGS = {  # kernel -> {loop: instructions per element}, sm_90a, D = 64, bflo
     "softmax_dq": {"full": 8.25, "edge": 12.56},
     "softmax_dkdv": {"edge": 19.19, "full": 13.56},
     "softmax_bwd": {"edge": 24.62, "full": 18.81},
+    # decoding (16-row tiles): most of the key loop is the normalisation of each raw key, k/max|k| and ‖k‖, whose
+    # reductions over the head dim run as warp shuffles (about 50 SHFL and 8 MUFU.RCP per element)
+    "decode_lssar_round1": {"keys": 335.38},
+    "decode_lssar_round2": {"keys": 382.12},
 }
 """The regression check (``make test``) for the loops whose speed target is not met yet (and for the yardsticks,
 so that a yardstick that grows cannot flatter the ratios): figures measured at the commit that set them (Triton
@@ -95,9 +99,10 @@ def _ptr(dt: str) -> str:
 def cases(head_dim: int = 64, dtype: str = "bfloat16", causal: bool = True) -> list[dict]:
     """Every kernel configuration of the report at one head dim / input dtype: the LSSA kernels as the package
     launches them on a GPU for that dtype, and the softmax yardsticks with the same tiles and warps."""
+    from .attention import decode_kernels as dk
     from .attention import triton_kernels as tk
 
-    return tk.report_cases(head_dim, dtype, causal)
+    return tk.report_cases(head_dim, dtype, causal) + dk.report_cases(head_dim, dtype, causal)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -316,7 +321,8 @@ def build_report(archs=(90,), head_dims=(64,), dtypes=("bfloat16",), causal=True
         rows.append({"kernel": case["name"], "arch": f"sm_{arch}{'a' if arch == 90 else ''}", "head_dim": case["D"],
                      "dtype": case["dtype"], "causal": case["causal"], "BM": case["BM"], "BN": case["BN"],
                      "num_warps": case["num_warps"], "num_stages": case["num_stages"],
-                     "budget_of": case.get("budget_of", case["name"]), **res})
+                     "budget_of": case.get("budget_of", case["name"]),
+                     "mma_expected": case.get("mma_expected", "HGMMA"), **res})
     check_budgets(rows)
     return {"rows": rows, "compile_seconds_total": round(time.perf_counter() - t0, 1)}
 
@@ -334,8 +340,9 @@ def check_budgets(rows: list[dict]) -> list[str]:
             continue
         if r["spills"] and r["arch"] == "sm_90a":
             bad.append(f"{name}: spills ({r['spill_instructions']} STL/LDL, {r['stack_bytes']} stack bytes)")
-        if r["arch"] == "sm_90a" and r["mma"] != "HGMMA":
-            bad.append(f"{name}: matmuls on {r['mma']}, not HGMMA")
+        # on sm_90a warpgroup MMA, except where a kernel's tile has fewer than the 64 rows it needs (decoding)
+        if r["arch"] == "sm_90a" and r["mma"] != r.get("mma_expected", "HGMMA"):
+            bad.append(f"{name}: matmuls on {r['mma']}, not {r.get('mma_expected', 'HGMMA')}")
         if not r["loop_structure_ok"]:
             bad.append(f"{name}: expected loops {list(r['loops'])} to be named, found {len(r['loops'])} loops")
         main = key == MAIN_CONFIG
@@ -380,11 +387,11 @@ def target_misses(rows: list[dict]) -> list[str]:
 
 def format_table(report: dict) -> str:
     """The report as a fixed-width text table (one line per loop)."""
-    head = (f"{'kernel':<16}{'arch':<8}{'D':>4} {'dtype':<9}{'tile':>9}{'w':>3}{'st':>3}{'regs':>6}{'spill':>6}"
+    head = (f"{'kernel':<20}{'arch':<8}{'D':>4} {'dtype':<9}{'tile':>9}{'w':>3}{'st':>3}{'regs':>6}{'spill':>6}"
             f"{'smem KiB':>9} {'mma':<6}{'loop':<12}{'instr/elem':>11}{'MUFU/elem':>10}  budget")
     lines = [head, "-" * len(head)]
     for r in report["rows"]:
-        pre = (f"{r['kernel']:<16}{r['arch']:<8}{r['head_dim']:>4} {r['dtype']:<9}{str(r['BM']) + 'x' + str(r['BN']):>9}"
+        pre = (f"{r['kernel']:<20}{r['arch']:<8}{r['head_dim']:>4} {r['dtype']:<9}{str(r['BM']) + 'x' + str(r['BN']):>9}"
                f"{r['num_warps']:>3}{r['num_stages']:>3}")
         if "error" in r:
             lines.append(pre + "  does not compile: " + r["error"].splitlines()[0][:80])

@@ -58,7 +58,7 @@ def check_main_kernels_meet_targets_or_ceilings(report):
     names = {r["kernel"] for r in report["rows"]}
     assert names >= set(kr.CEILINGS) | set(kr.BUDGETS), names
     for r in report["rows"]:
-        assert r["mma"] == "HGMMA" and not r["spills"], r["kernel"]
+        assert r["mma"] == r["mma_expected"] and not r["spills"], r["kernel"]
     print(kr.format_table(report), f"\ncompiled in {report['compile_seconds_total']} s")
 
 

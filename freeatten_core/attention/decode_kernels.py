@@ -480,3 +480,29 @@ def attention(q, k, v, method: str, causal: bool, start=None, end=None, p: float
 
 
 __all__ = ["attention", "decode", "unsupported_reason", "poison_outputs", "MAX_QUERIES", "SUPPORTED_DTYPES"]
+
+
+def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
+    """The decoding kernel as kernel-report cases (:mod:`freeatten_core.kernel_report`): LSSAR's two rounds in the
+    tiles :func:`_tiles` picks on a GPU for ``dtype`` at head dim ``D``; shown, not budgeted. Per element means per
+    element of the [BM, BN] tile: with G·Lq < BM folded rows, part of the tile is padding."""
+    tdt = getattr(torch, dtype)
+    BM, BN, warps = _tiles(16, D, tdt) if not INTERPRET else (16, 64 if dtype != "float32" else 32, 4)
+    dt = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[dtype]
+    i32, f32 = "i32", "fp32"
+    sig = dict(q="*" + dt, k="*" + dt, v="*" + dt, start="*i32", end="*i32", part_z="*fp32", part_m="*fp32",
+               part_s="*fp32", part_acc="*fp32", bad="*i32",
+               **{s: i32 for s in ("s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "Hkv",
+                                   "Lq", "Lk", "R", "chunk", "n_chunks", "offset_rows")},
+               P=f32, LN_D=f32, TAU0=f32, TAU_C=f32, TAU_N=f32)
+    half = 0 if dtype == "float32" else 1
+    out = []
+    # round 2 first reads every chunk's partials (a loop the compiler splits into an unrolled part and a rest)
+    for rnd, loops in ((1, ["keys"]), (2, ["partials", "partials_rest", "keys"])):
+        out.append(dict(name=f"decode_lssar_round{rnd}", module=__name__, kernel="lss_decode_kernel", signature=sig,
+                        BM=BM, BN=BN, num_warps=warps, num_stages=2,
+                        constexprs=dict(D=D, BM=BM, BN=BN, CAUSAL=causal, HAS_SPAN=False, ROUND=rnd, REWEIGHT=True,
+                                        P_INT=15, HALF=half),
+                        loops=loops, D=D, dtype=dtype, causal=causal, budget_of=f"decode_lssar_round{rnd}",
+                        mma_expected="HMMA"))  # 16-row tiles: mma.sync (warpgroup MMA needs 64 rows)
+    return out
