@@ -32,9 +32,7 @@ them, so a step costs no host-side tensor arithmetic.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 import torch
 import triton
@@ -42,86 +40,19 @@ import triton.language as tl
 
 from . import reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-"""Whether triton runs kernels in its interpreter (read once, at import, as triton itself does)."""
+# the interpreter flag, the test hooks (NaN-poisoned buffers, the GPU's operand rounding emulated) and the device
+# helpers are the fused kernels' own: one switch serves both kernel families
+from .triton_kernels import (INTERPRET, MAX_INT_P, SUPPORTED_DTYPES, _new, _pow, _round_bf16,  # noqa: E402, F401
+                             emulate_gpu_dots, poison_outputs)
+from . import triton_kernels as _tk  # noqa: E402
 
 MAX_QUERIES = 16
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634
-MAX_INT_P = 64
-
-# --------------------------------------------------------------------------------------------------------
-# A test hook: every buffer the kernels write is allocated filled with NaN, so a position left unwritten shows.
-# --------------------------------------------------------------------------------------------------------
-_POISON = False
-
-
-@contextlib.contextmanager
-def poison_outputs(enabled: bool = True):
-    """Within this context every buffer the decoding kernels write is allocated filled with NaN."""
-    global _POISON
-    old, _POISON = _POISON, enabled
-    try:
-        yield
-    finally:
-        _POISON = old
-
-
-_EMULATE_GPU_DOTS = False
-
-
-@contextlib.contextmanager
-def emulate_gpu_dots(enabled: bool = True):
-    """Test hook: in the interpreter, round the dot operands of half-precision inputs as the GPU does (q̃ and k/m
-    to float16, the weights to the dtype of v; bfloat16 rounding emulated bit-exactly in float32, because the
-    interpreter's bfloat16 dot is unreliable), so the CPU tests check the GPU's operand precision."""
-    global _EMULATE_GPU_DOTS
-    old, _EMULATE_GPU_DOTS = _EMULATE_GPU_DOTS, enabled
-    try:
-        yield
-    finally:
-        _EMULATE_GPU_DOTS = old
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Device code
-# --------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_bf16(x):
-    # x rounded to the nearest bfloat16 (ties to even), kept in float32: bit arithmetic, exact in the interpreter
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _softplus2(t):
     # f = log2(1 + 2^t) = max(t, 0) + log2(1 + 2^-|t|); t = −inf (an invisible key) gives 0
     return tl.maximum(t, 0.0) + tl.math.log2(1.0 + tl.math.exp2(-tl.abs(t)))
-
-
-@triton.jit
-def _pow(y, P, P_INT: tl.constexpr):
-    # y**P for y >= 0: square-and-multiply for an integer P_INT >= 1, exp2(P·log2 y) otherwise (0 where y = 0)
-    if P_INT >= 1:
-        r = tl.zeros_like(y) + 1.0
-        b = y
-        for bit in tl.static_range(7):
-            if (P_INT >> bit) & 1:
-                r = r * b
-            if (P_INT >> (bit + 1)) > 0:
-                b = b * b
-    else:
-        r = tl.where(y > 0, tl.math.exp2(P * tl.math.log2(tl.maximum(y, 1e-30))), 0.0)
-    return r
 
 
 @triton.jit
@@ -375,7 +306,7 @@ def _half(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 0
     if INTERPRET:
-        return 2 if _EMULATE_GPU_DOTS else 0
+        return 2 if _tk._EMULATE_GPU_DOTS else 0
     return 1
 
 
