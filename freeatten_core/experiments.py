@@ -456,6 +456,18 @@ def throughput_comparison(preset: str = "gpu", steps: int = 30, warmup: int = 10
             "provenance": provenance(command, resolve_device(cfg.device))}
 
 
+def _evaluation_and_out(args) -> tuple[dict, object]:
+    """The evaluation overrides of a tasks/psweep command line (--factors, --examples), checked against the preset,
+    and its checked --out file."""
+    evaluation = {}
+    if args.factors is not None:
+        evaluation["factors"] = [_int_item("--factors", x) for x in args.factors.split(",") if x]
+    if args.examples is not None:
+        evaluation["windows"] = args.examples
+    _check_evaluation(args.preset, evaluation)
+    return evaluation, atomic.check_output_file(args.out, "--out")
+
+
 def _check_evaluation(preset, evaluation) -> None:
     if evaluation is None:
         return
@@ -584,13 +596,7 @@ def main(argv=None) -> int:
             get_variants(variants)
             seeds = [_int_item("--seeds", x) for x in args.seeds.split(",") if x]
             tasks = check_tasks(args.tasks)
-            evaluation = {}
-            if args.factors is not None:
-                evaluation["factors"] = [_int_item("--factors", x) for x in args.factors.split(",") if x]
-            if args.examples is not None:
-                evaluation["windows"] = args.examples
-            _check_evaluation(args.preset, evaluation)
-            out = atomic.check_output_file(args.out, "--out")
+            evaluation, out = _evaluation_and_out(args)
             run_dir = args.run_dir or f"runs/tasks_{args.preset}"
         elif args.experiment == "psweep":
             ps = []
@@ -601,13 +607,7 @@ def main(argv=None) -> int:
                     raise ValueError(f"--ps must be comma-separated numbers, got {x!r}") from None
             check_ps(ps)
             seeds = [_int_item("--seeds", x) for x in args.seeds.split(",") if x]
-            evaluation = {}
-            if args.factors is not None:
-                evaluation["factors"] = [_int_item("--factors", x) for x in args.factors.split(",") if x]
-            if args.examples is not None:
-                evaluation["windows"] = args.examples
-            _check_evaluation(args.preset, evaluation)
-            out = atomic.check_output_file(args.out, "--out")
+            evaluation, out = _evaluation_and_out(args)
             run_dir = args.run_dir or f"runs/psweep_{args.preset}"
         elif args.experiment == "ablation":
             maps = [m for m in args.maps.split(",") if m]
