@@ -140,6 +140,46 @@ def _optional_path(name, value):
     return value
 
 
+def _choice(*options):
+    def check(name, value):
+        if value not in options:
+            raise ValueError(f"parameter {name} must be one of {', '.join(map(repr, options))}, got {value!r}")
+        return value
+    check.__doc__ = "one of " + ", ".join(map(repr, options))
+    return check
+
+
+def _number_list(low: float):
+    def check(name, value):
+        if not isinstance(value, (list, tuple)) or not value or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= low for x in value):
+            raise ValueError(f"parameter {name} must be a non-empty list of numbers >= {low:g}, got {value!r} "
+                             f"(papermill: pass lists as YAML, -y \"{name}: [..]\")")
+        return list(value)
+    check.__doc__ = f"a non-empty list of numbers >= {low:g}"
+    return check
+
+
+def _optional_integer(low: int):
+    def check(name, value):
+        return None if value is None else _integer(low)(name, value)
+    check.__doc__ = f"an integer >= {low}, or None"
+    return check
+
+
+def _tasks(name, value):
+    """a non-empty list of task names (freeatten_core.tasks.TASKS)"""
+    from .tasks import TASKS
+
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"parameter {name} must be a non-empty list of task names, got {value!r}")
+    bad = [t for t in value if t not in TASKS]
+    if bad:
+        raise ValueError(f"parameter {name}: unknown task(s) {', '.join(map(repr, bad))}; valid tasks: "
+                         f"{', '.join(TASKS)}")
+    return list(value)
+
+
 def _variants(name, value):
     """a non-empty list of variant names (freeatten_core.experiments.VARIANTS)"""
     from .experiments import get_variants
@@ -172,6 +212,34 @@ NOTEBOOK_PARAMETERS: dict[str, dict] = {
         checks=dict(variants=_variants, overrides=_dict, run_dir=_optional_path, results_dir=_optional_path,
                     threads=_integer(0)),
         presets={"ci": {}, "cpu": {}, "gpu": {}, "paper": {}},  # the training preset is `preset` itself
+    ),
+    "03_gpu_kernel": dict(
+        checks=dict(seed=_integer(0), batch=_integer(1), heads=_integer(1), check_length=_integer(1),
+                    head_dim=_choice(16, 32, 64, 128), dtype=_choice("float32", "float16", "bfloat16"),
+                    timing_lengths=_integer_list(1)),
+        presets={"ci": dict(batch=2, heads=2, check_length=100, head_dim=64, dtype="float32",
+                            timing_lengths=[64, 128, 256]),
+                 "cpu": dict(batch=2, heads=2, check_length=257, head_dim=64, dtype="float32",
+                             timing_lengths=[64, 128, 256]),
+                 "gpu": dict(batch=4, heads=16, check_length=2048, head_dim=128, dtype="bfloat16",
+                             timing_lengths=[1024, 2048, 4096, 8192]),
+                 "paper": dict(batch=4, heads=16, check_length=4096, head_dim=128, dtype="bfloat16",
+                               timing_lengths=[1024, 2048, 4096, 8192, 16384])},
+    ),
+    "05_beyond_the_loss_curve": dict(
+        checks=dict(variants=_variants, seeds=_integer_list(0), tasks=_tasks, factors=_integer_list(1),
+                    loss_factors=_integer_list(1), ps=_number_list(1.0), window=_optional_integer(1),
+                    stream_variants=_variants, examples=_integer(1), overrides=_dict, run_dir=_optional_path,
+                    results_path=_optional_path, threads=_integer(0)),
+        # the training preset is `preset` itself; at ci the chapter trains tiny models (a demonstration of the
+        # machinery in a few minutes), at the other presets the preset's own model
+        presets={"ci": dict(overrides=dict(model=dict(block_size=32, n_layer=2, n_head=2, n_embd=64), max_steps=100,
+                                           warmup_steps=10, batch_size=16, ckpt_interval=100)),
+                 "cpu": dict(overrides={}), "gpu": dict(overrides={}), "paper": dict(overrides={})},
+    ),
+    "06_use_in_your_model": dict(
+        checks=dict(seed=_integer(0), p=_number(1.0, 1000.0, open_low=False), length=_integer(6)),
+        presets={"ci": dict(length=12), "cpu": dict(length=12), "gpu": dict(length=12), "paper": dict(length=12)},
     ),
 }
 """What each chapter runs at each preset. Every chapter registered here takes a ``preset`` parameter (one of
