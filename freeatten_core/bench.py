@@ -320,16 +320,22 @@ def ratios(results: list[dict]) -> list[dict]:
     return out
 
 
-def plot(data: dict, path: Path) -> None:
-    """fwd+bwd time and peak memory against length, one column per head dim."""
+def _time_memory_figure(res: list[dict]):
+    """(pyplot, head dims, figure, axes): a 2 × (head dims) grid, time above and peak memory below, off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = data["results"]
     dims = sorted({r["D"] for r in res})
     fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 7.5), squeeze=False)
+    return plt, dims, fig, axes
+
+
+def plot(data: dict, path: Path) -> None:
+    """fwd+bwd time and peak memory against length, one column per head dim."""
+    res = data["results"]
+    plt, dims, fig, axes = _time_memory_figure(res)
     series = sorted({(r["impl"], r["method"]) for r in res})
     for col, D in enumerate(dims):
         for impl, method in series:
@@ -572,14 +578,8 @@ def measure_decode(fn, q, k, v, warmup: int, reps: int, cuda: bool) -> dict:
 
 def plot_decode(data: dict, path: Path) -> None:
     """Step time and peak memory against the KV length, one column per head dim."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     res = data["results"]
-    dims = sorted({r["D"] for r in res})
-    fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 7.5), squeeze=False)
+    plt, dims, fig, axes = _time_memory_figure(res)
     for col, D in enumerate(dims):
         for impl, method in sorted({(r["impl"], r["method"]) for r in res}):
             rows = sorted((r for r in res if r["D"] == D and r["impl"] == impl and r["method"] == method),
