@@ -332,6 +332,31 @@ def _time_memory_figure(res: list[dict]):
     return plt, dims, fig, axes
 
 
+def _finish_time_memory_figure(plt, fig, axes, dims, data, path: Path, xlabel: str, ylabels, log_memory: bool,
+                               head: str) -> None:
+    """Axes, titles and the provenance line of a :func:`_time_memory_figure`, then the PNG written atomically."""
+    from .atomic import atomic_write
+
+    for col, D in enumerate(dims):
+        for row, ylabel in enumerate(ylabels):
+            ax = axes[row, col]
+            ax.set_xscale("log", base=2)
+            if row == 0 or log_memory:
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        axes[0, col].set_title(f"head dim {D}")
+        axes[0, col].legend(fontsize=7)
+    c, prov = data["config"], data["provenance"]
+    fig.suptitle(f"{prov['device']} · {c['dtype']} · {head}\n{data['kind']} · torch {prov['torch']} · "
+                 f"triton {prov['triton']} · {(prov['git_commit'] or '?')[:8]} · {prov['date_utc']}", fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
+    plt.close(fig)
+
+
 def plot(data: dict, path: Path) -> None:
     """fwd+bwd time and peak memory against length, one column per head dim."""
     res = data["results"]
@@ -352,27 +377,11 @@ def plot(data: dict, path: Path) -> None:
             ooms = [r["L"] for r in rows if r["status"] == "oom"]
             if ooms:
                 axes[1, col].scatter(ooms, [0] * len(ooms), marker="x", color="red")
-        for row, ylabel in ((0, "fwd+bwd time (ms, median)"), (1, "peak memory of fwd+bwd (GiB); x = OOM")):
-            ax = axes[row, col]
-            ax.set_xscale("log", base=2)
-            if row == 0:
-                ax.set_yscale("log")
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
-        axes[0, col].set_title(f"head dim {D}")
-        axes[0, col].legend(fontsize=7)
     c = data["config"]
-    prov = data["provenance"]
-    fig.suptitle(f"{prov['device']} · {c['dtype']} · {'causal' if c['causal'] else 'full'} · B={c['batch']} "
-                 f"H={c['heads']}\n{data['kind']} · torch {prov['torch']} · triton {prov['triton']} · "
-                 f"{(prov['git_commit'] or '?')[:8]} · {prov['date_utc']}", fontsize=8)
-    fig.tight_layout()
-    from .atomic import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
+    _finish_time_memory_figure(
+        plt, fig, axes, dims, data, path, "sequence length",
+        ("fwd+bwd time (ms, median)", "peak memory of fwd+bwd (GiB); x = OOM"), log_memory=False,
+        head=f"{'causal' if c['causal'] else 'full'} · B={c['batch']} H={c['heads']}")
 
 
 def check_decode_args(args, argv) -> None:
@@ -591,25 +600,11 @@ def plot_decode(data: dict, path: Path) -> None:
                 axes[0, col].plot(*zip(*t), style, marker="o", label=label)
             if m:
                 axes[1, col].plot(*zip(*m), style, marker="o", label=label)
-        for row, ylabel in ((0, "decoding step (ms, median)"), (1, "peak memory of a step (MiB)")):
-            ax = axes[row, col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("KV cache length")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
-        axes[0, col].set_title(f"head dim {D}")
-        axes[0, col].legend(fontsize=7)
-    c, prov = data["config"], data["provenance"]
-    fig.suptitle(f"{prov['device']} · {c['dtype']} · B={c['batch']} H={c['heads']} H_kv={c['kv_heads']} "
-                 f"Lq={c['queries']}\n{data['kind']} · torch {prov['torch']} · triton {prov['triton']} · "
-                 f"{(prov['git_commit'] or '?')[:8]} · {prov['date_utc']}", fontsize=8)
-    fig.tight_layout()
-    from .atomic import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, dpi=120, format="png")
-    plt.close(fig)
+    c = data["config"]
+    _finish_time_memory_figure(
+        plt, fig, axes, dims, data, path, "KV cache length",
+        ("decoding step (ms, median)", "peak memory of a step (MiB)"), log_memory=True,
+        head=f"B={c['batch']} H={c['heads']} H_kv={c['kv_heads']} Lq={c['queries']}")
 
 
 def decode_main(args, argv, device, dtype, device_name, cuda) -> int:
