@@ -476,8 +476,8 @@ def test_lssar_forward_keeps_w_only_for_a_backward():
     # W (for the one-pass backward's row term) is computed only when a gradient will be asked for
     q, k, v, _ = make_inputs(1, 1, 20, 20, 16, torch.float32)
     qh, kh = reference.unit(q), reference.unit(k)
-    c2, tau = tk._row_constants(20, 20, 16, True, q.device)
-    qs = (qh * c2[:, None]).contiguous()  # c2, tau: [Lq] for a dense call
+    c2, tau = tk.Layout(q.shape, k.shape, None, True, q.device).row_constants()  # [B, Lq] each
+    qs = (qh * c2[:, None, :, None]).contiguous()
     _, _, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=False)
     assert w is None
     _, stats, w = tk.lssa_fwd(qs, kh.contiguous(), v, tau, True, True, 15.0, 3, grad=True)

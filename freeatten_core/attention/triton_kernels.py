@@ -944,16 +944,10 @@ class Layout:
         return x if rows is None else torch.where(rows[:, None, :, None], x, 0.0).to(x.dtype)
 
 
-def _row_constants(Lq: int, Lk: int, D: int, causal: bool, device):
-    """c_i·log2(e) and τ_i of a dense call, [Lq] each (see :meth:`Layout.row_constants`)."""
-    c2, tau = Layout((1, 1, Lq, D), (1, 1, Lk, D), None, causal, device).row_constants()
-    return c2[0], tau[0]
-
-
 def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows: int, grad: bool = False,
              layout: Layout | None = None):
     """Forward launch. qs = c·log2(e)·q̂ [B, H, LQ, D] and ks = k̂ [B, H/G, LK, D] (float32, or float16 for half
-    inputs), v like ks, tau [B, LQ] (or [LQ] for a dense call). Returns o [B, H, LQ, D] in float32 (the
+    inputs), v like ks, tau [B, LQ] (:meth:`Layout.row_constants`). Returns o [B, H, LQ, D] in float32 (the
     backward's D_i = dO_i·o_i needs it unrounded: with p = 15 an error in D_i is amplified p-fold), stats
     [4, B·H, LQ] float32 (1/Z, a', b', G) and, for LSSAR with ``grad`` (a backward will follow), W [B, H, LQ, D]
     float32 (else None): see :func:`lssa_bwd`. Rows in no sequence of ``layout`` are not written."""
@@ -964,7 +958,6 @@ def lssa_fwd(qs, ks, v, tau, reweight: bool, causal: bool, p: float, offset_rows
     grad = bool(grad and reweight and _one_pass(qs.device))  # W and G serve only the one-pass backward
     w = _new((B, H, Lq, D), torch.float32, qs.device) if grad else o  # (o: a placeholder the kernel never writes)
     qk_dt, pv_dt, _ = _dot_types(v.dtype)
-    tau = tau.expand(B, Lq).contiguous() if tau.ndim == 1 else tau
     _launch(lssa_fwd_kernel, "fwd", lay.max_q, lay.seqs.shape[0] * H,
             (qs, ks, v, o, stats, tau, w, lay.seqs, Lq, lay.LK, H, lay.G, offset_rows, float(p), B * H * Lq),
             dict(D=D, CAUSAL=causal, REWEIGHT=reweight, P_INT=_int_p(p), PM1_INT=_pm1(p), DEG=_degree(v.dtype),
