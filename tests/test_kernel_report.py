@@ -30,6 +30,7 @@ def test_sass_analysis_counts_a_loop():
     assert loop["instructions"] == 4 and loop["per_element"] == 2.0
     assert loop["mufu_per_element"] == {"EX2": 0.5} and loop["hgmma"] == 1
     assert out["spill_instructions"] == 0 and out["loop_structure_ok"]
+    assert kr.element_math(loop) == 1.0  # FFMA and MUFU are element math; the HGMMA and the branch are not
 
 
 def _report():

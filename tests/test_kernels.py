@@ -554,3 +554,29 @@ def test_bad_sequence_descriptors_are_clear_errors():
             tk.attention(q, k, v, "lssar", True, seqs=torch.tensor(rows))
     with pytest.raises(ValueError, match="H_kv dividing"):  # 3 key heads for 2 query heads
         tk.attention(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), "lssa", True)
+
+
+def test_every_launch_pins_the_compile_options():
+    # the instruction budgets assume multiply-add contraction, which Triton's default may change: every launch
+    # passes COMPILE_OPTIONS (the interpreter ignores them, a GPU compile takes them)
+    import ast
+    import inspect
+
+    from freeatten_core.attention import decode_kernels, yardstick_kernels
+
+    seen = {}
+
+    class Kernel:  # records what _launch passes
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.update(kw)
+
+    tk._launch(Kernel(), "fwd", 10, 1, (), {"D": 16})
+    assert seen.get("enable_fp_fusion") is True and seen["D"] == 16, seen
+    launches = 0
+    for mod in (tk, decode_kernels, yardstick_kernels):
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):  # kernel[grid](...)
+                launches += 1
+                assert any(kw.arg is None and "COMPILE_OPTIONS" in ast.unparse(kw.value) for kw in node.keywords), \
+                    f"{mod.__name__}: a launch without **COMPILE_OPTIONS: {ast.unparse(node)[:120]}"
+    assert launches >= 9, launches

@@ -371,10 +371,11 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
     meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
                 HALF=_half(q.dtype), num_warps=warps, num_stages=2)
     grid = (n_c, n_m, B * Hkv)
-    lss_decode_kernel[grid](*args, ROUND=1, **meta)
+    lss_decode_kernel[grid](*args, ROUND=1, **meta, **_tk.COMPILE_OPTIONS)
     if reweight:
-        lss_decode_kernel[grid](*args, ROUND=2, **meta)
-    lss_decode_combine_kernel[(n_m, B * Hkv)](part_s, part_acc, o, Hkv, Lq, R, n_c, D=D, BM=BM)
+        lss_decode_kernel[grid](*args, ROUND=2, **meta, **_tk.COMPILE_OPTIONS)
+    lss_decode_combine_kernel[(n_m, B * Hkv)](part_s, part_acc, o, Hkv, Lq, R, n_c, D=D, BM=BM,
+                                              **_tk.COMPILE_OPTIONS)
     return o, bad
 
 

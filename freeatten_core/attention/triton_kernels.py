@@ -64,6 +64,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+"""Compiler options that every launch of the package's kernels passes, and the kernel report compiles with:
+multiply-add contraction pinned on (Triton warns that its default changes in 3.10); the instruction budgets
+assume FFMA."""
 MAX_INT_P = 64  # integer p up to this is formed by repeated multiplication; larger or fractional p by exp2/log2
 
 # dot-operand codes (constexpr): 0 exact float32, 1 float16, 2 bfloat16, 3 bfloat16 rounding emulated in
@@ -861,13 +865,13 @@ def _launch(kernel, kind: str, n: int, BH: int, args: tuple, meta: dict) -> None
             except ValueError:
                 raise ValueError(f"FREEATTEN_TILES must be 'BM,BN,num_warps,num_stages', got {env!r}") from None
             cfg = dict(BM=bm, BN=bn, num_warps=w, num_stages=st)
-        kernel[(triton.cdiv(n, cfg[tile]), BH)](*args, **meta, **cfg)
+        kernel[(triton.cdiv(n, cfg[tile]), BH)](*args, **meta, **cfg, **COMPILE_OPTIONS)
         return
     if kind not in _TUNED:  # every output is overwritten (no accumulation), so re-running configs is safe
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)
                    for bm, bn, w, st in GPU_CANDIDATES[kind]]
         _TUNED[kind] = triton.autotune(configs, key=["LQ", "LK", "G", "D", "CAUSAL", "REWEIGHT", "QK_DT", "PV_DT"])(kernel)
-    _TUNED[kind][lambda m: (triton.cdiv(n, m[tile]), BH)](*args, **meta)
+    _TUNED[kind][lambda m: (triton.cdiv(n, m[tile]), BH)](*args, **meta, **COMPILE_OPTIONS)
 
 
 def _int_p(p: float) -> int:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _key_range, _query_range  # the same tiling as the fused kernels
+from .triton_kernels import COMPILE_OPTIONS, _key_range, _query_range  # the same tiling as the fused kernels
 
 LOG2E = 1.4426950408889634
 
@@ -261,7 +261,7 @@ def softmax_attention(q, k, v, causal: bool, do=None, tiles=None):
     scale2 = LOG2E / math.sqrt(D)
     off = Lk - Lq
     softmax_fwd_kernel[(triton.cdiv(Lq, bm), B * H)](q, k, v, o, lse, Lq, Lk, off, scale2, D=D, BM=bm, BN=bn,
-                                                     CAUSAL=causal)
+                                                     CAUSAL=causal, **COMPILE_OPTIONS)
     if do is None:
         return o
     do = do.contiguous()
@@ -269,14 +269,14 @@ def softmax_attention(q, k, v, causal: bool, do=None, tiles=None):
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
     softmax_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](q, k, v, o, do, lse, dq, delta, Lq, Lk, off, scale2,
-                                                        sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
+                                                        sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal, **COMPILE_OPTIONS)
     softmax_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * H)](q, k, v, do, lse, delta, dk, dv, Lq, Lk, off, scale2,
-                                                          sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
+                                                          sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal, **COMPILE_OPTIONS)
     # the one-pass backward, from the same D_i
     dq1 = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     dk1, dv1 = torch.empty_like(k), torch.empty_like(v)
     softmax_bwd_kernel[(triton.cdiv(Lk, bn), B * H)](q, k, v, do, lse, delta, dq1, dk1, dv1, Lq, Lk, off, scale2,
-                                                     sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal)
+                                                     sm_scale, D=D, BM=bm, BN=bn, CAUSAL=causal, **COMPILE_OPTIONS)
     return o, dq, dk, dv, (dq1 / LOG2E).to(q.dtype), dk1, dv1
 
 
