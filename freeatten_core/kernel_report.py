@@ -76,10 +76,11 @@ CEILINGS = {  # kernel -> {loop: instructions per element}, sm_90a, D = 64, bflo
     "softmax_dq": {"full": 8.25, "edge": 12.56},
     "softmax_dkdv": {"edge": 19.19, "full": 13.56},
     "softmax_bwd": {"edge": 24.62, "full": 18.81},
-    # decoding (16-row tiles): most of the key loop is the normalisation of each raw key, k/max|k| and ‖k‖, whose
-    # reductions over the head dim run as warp shuffles (about 50 SHFL and 8 MUFU.RCP per element)
-    "decode_lssar_round1": {"keys": 335.38},
-    "decode_lssar_round2": {"keys": 382.12},
+    # decoding (16-row tiles, compiled for a contiguous cache): each key serves at most 16 rows, so normalising
+    # it in registers (k/max|k|, ‖k‖: about five instructions per key element, four key elements per tile
+    # element) is about a third of the key loop
+    "decode_lssar_round1": {"keys": 70.62},
+    "decode_lssar_round2": {"keys": 81.38},
 }
 """The regression check (``make test``) for the loops whose speed target is not met yet (and for the yardsticks,
 so that a yardstick that grows cannot flatter the ratios): figures measured at the commit that set them (Triton
@@ -234,7 +235,11 @@ def compile_case(case: dict, arch: int) -> dict:
     for k in case["constexprs"]:
         sig[k] = "constexpr"
     # as a launch with torch tensors specialises: every pointer 16-byte aligned (plain ints get no hint)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig.get(a, "").startswith("*")}
+    # and every integer the case names in "multiples_of_16" (strides of a contiguous cache), as a launch
+    # specialises an integer argument that is a multiple of 16
+    hinted = set(case.get("multiples_of_16", ()))
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig.get(a, "").startswith("*") or a in hinted}
     t0 = time.perf_counter()
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(case["constexprs"]), attrs=attrs),
                         target=GPUTarget("cuda", arch, 32),
@@ -379,11 +384,11 @@ def check_budgets(rows: list[dict]) -> list[str]:
             ci = main and enforced(r["budget_of"], loop)
             # the ratio the loop would have if all but its element math cost what the yardstick's does: where
             # this alone exceeds the target, the per-element math is what misses it, not loads or bookkeeping
-            math_ = element_math(r["loops"][loop])
-            floor = (math_ + ref - element_math(ystick["loops"][yloop])) / ref
+            math_, rest = element_math(r["loops"][loop]), ref - element_math(ystick["loops"][yloop])
             r["budget"][loop] = {"ratio": round(got / ref, 3), "max_ratio": ratio, "yardstick_loop": yloop,
                                  "ok": ok, "enforced": ci, "element_math": math_,
-                                 "ratio_with_yardstick_overhead": round(floor, 3)}
+                                 "element_math_allowed": round(ratio * ref - rest, 2),
+                                 "ratio_with_yardstick_overhead": round((math_ + rest) / ref, 3)}
             if ci and not ok:
                 bad.append(f"{name}: loop {loop} {got} instructions/element = {got / ref:.3f}x the yardstick's {yloop} "
                            f"loop > the target {ratio}x")

@@ -42,17 +42,11 @@ from . import reference
 
 # the interpreter flag, the test hooks (NaN-poisoned buffers, the GPU's operand rounding emulated) and the device
 # helpers are the fused kernels' own: one switch serves both kernel families
-from .triton_kernels import (INTERPRET, MAX_INT_P, SUPPORTED_DTYPES, _new, _pow, _round_bf16,  # noqa: E402, F401
-                             emulate_gpu_dots, poison_outputs)
+from .triton_kernels import (INTERPRET, MAX_INT_P, SUPPORTED_DTYPES, _degree, _new, _pow,  # noqa: E402, F401
+                             _round_bf16, _softplus2, emulate_gpu_dots, poison_outputs)
 from . import triton_kernels as _tk  # noqa: E402
 
 MAX_QUERIES = 16
-
-
-@triton.jit
-def _softplus2(t):
-    # f = log2(1 + 2^t) = max(t, 0) + log2(1 + 2^-|t|); t = −inf (an invisible key) gives 0
-    return tl.maximum(t, 0.0) + tl.math.log2(1.0 + tl.math.exp2(-tl.abs(t)))
 
 
 @triton.jit
@@ -143,7 +137,7 @@ def lss_decode_kernel(
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     Hkv, Lq, Lk, R, chunk, n_chunks, offset_rows, P, LN_D, TAU0, TAU_C, TAU_N,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, HAS_SPAN: tl.constexpr,
-    ROUND: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, HALF: tl.constexpr,
+    ROUND: tl.constexpr, REWEIGHT: tl.constexpr, P_INT: tl.constexpr, HALF: tl.constexpr, DEG: tl.constexpr,
 ):
     # One program: BM folded query rows of one (batch, key head) against the keys of one chunk. Folded row m of key
     # head h is query row m % Lq of query head h·G + m // Lq (R = G·Lq rows). q, k, v are read through their
@@ -185,7 +179,7 @@ def lss_decode_kernel(
             p_c = (c * n_bh + i_bh).to(tl.int64) * R + o_m
             b_Z += tl.load(part_z + p_c, mask=m_m, other=0.0)
             b_T = tl.maximum(b_T, tl.load(part_m + p_c, mask=m_m, other=float("-inf")))
-        b_F = _softplus2(b_T)
+        b_F = _softplus2(b_T, DEG)
         b_O = tl.where(b_N > offset_rows, 1.0, 0.0)
         b_den = b_N * b_F - b_O * b_Z
         b_tau = TAU0 + TAU_C * b_c + TAU_N * b_N  # reference.uniform_threshold(c, N, D, float32), see `decode`
@@ -203,7 +197,7 @@ def lss_decode_kernel(
         o_j = j0 + tl.arange(0, BN)
         b_t, nb = _scores(b_q, k_ptr, s_kn, o_j, j_end, b_lo, b_hi, D, HALF)  # [BM, BN]
         n_bad += nb
-        b_f = _softplus2(b_t)
+        b_f = _softplus2(b_t, DEG)
         if REWEIGHT and ROUND == 1:  # Z and max t only
             b_s += tl.sum(b_f, 1)
             b_mx = tl.maximum(b_mx, tl.max(b_t, 1))
@@ -369,7 +363,7 @@ def decode(q, k, v, reweight: bool, causal: bool, start=None, end=None, p: float
             Hkv, Lq, Lk, R, ck, n_c, int(offset_rows), float(p), math.log(D), *_tau_coefficients(D))
     p_int = int(p) if float(p).is_integer() and 1 <= p <= MAX_INT_P else -1
     meta = dict(D=D, BM=BM, BN=BN, CAUSAL=bool(causal), HAS_SPAN=has_span, REWEIGHT=reweight, P_INT=p_int,
-                HALF=_half(q.dtype), num_warps=warps, num_stages=2)
+                HALF=_half(q.dtype), DEG=_degree(q.dtype), num_warps=warps, num_stages=2)
     grid = (n_c, n_m, B * Hkv)
     lss_decode_kernel[grid](*args, ROUND=1, **meta, **_tk.COMPILE_OPTIONS)
     if reweight:
@@ -434,7 +428,9 @@ def report_cases(D: int, dtype: str, causal: bool) -> list[dict]:
         out.append(dict(name=f"decode_lssar_round{rnd}", module=__name__, kernel="lss_decode_kernel", signature=sig,
                         BM=BM, BN=BN, num_warps=warps, num_stages=2,
                         constexprs=dict(D=D, BM=BM, BN=BN, CAUSAL=causal, HAS_SPAN=False, ROUND=rnd, REWEIGHT=True,
-                                        P_INT=15, HALF=half),
+                                        P_INT=15, HALF=half, DEG=_degree(tdt)),
                         loops=loops, D=D, dtype=dtype, causal=causal, budget_of=f"decode_lssar_round{rnd}",
+                        # a contiguous [B, H_kv, Lk, D] cache (D >= 16): every stride a multiple of 16
+                        multiples_of_16=["s_qb", "s_qh", "s_qn", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn"],
                         mma_expected="HMMA"))  # 16-row tiles: mma.sync (warpgroup MMA needs 64 rows)
     return out
