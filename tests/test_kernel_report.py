@@ -90,3 +90,21 @@ def check_yardsticks_are_budgeted_against(report):
             assert set(r["budget"]) == set(kr.BUDGETS[r["kernel"]][1]), r["kernel"]
             y = next(x for x in report["rows"] if x["kernel"] == kr.BUDGETS[r["kernel"]][0])
             assert (y["BM"], y["BN"], y["num_warps"]) == (r["BM"], r["BN"], r["num_warps"])
+
+
+def test_half_power_measurement_orders_the_roundings():
+    # scripts/measure_half_power.py (the decisions page's accuracy figures for a half-precision power), small:
+    # exact products give only the operand rounding; float16 products add to it, bfloat16 products more
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "measure_half_power.py"
+    spec = importlib.util.spec_from_file_location("measure_half_power", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+
+    for dtype in (torch.bfloat16, torch.float16):
+        err = mod.measure(dtype, L=128, D=32, heads=2, seed=0)
+        assert err["float32"] < err["float16"] < err["bfloat16"], (dtype, err)
+        assert err["float32"] < 2 ** -8, err  # no worse than one rounding of P to bfloat16
