@@ -556,7 +556,7 @@ def test_bad_sequence_descriptors_are_clear_errors():
         tk.attention(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), "lssa", True)
 
 
-def test_every_launch_pins_the_compile_options():
+def test_every_launch_pins_the_compile_options(monkeypatch):
     # the instruction budgets assume multiply-add contraction, which Triton's default may change: every launch
     # passes COMPILE_OPTIONS (the interpreter ignores them, a GPU compile takes them)
     import ast
@@ -570,6 +570,7 @@ def test_every_launch_pins_the_compile_options():
         def __getitem__(self, grid):
             return lambda *args, **kw: seen.update(kw)
 
+    monkeypatch.setenv("FREEATTEN_TILES", "64,64,4,2")  # a fixed configuration on a GPU too (no autotuner)
     tk._launch(Kernel(), "fwd", 10, 1, (), {"D": 16})
     assert seen.get("enable_fp_fusion") is True and seen["D"] == 16, seen
     launches = 0
