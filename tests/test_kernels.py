@@ -484,6 +484,24 @@ def test_lssar_forward_keeps_w_only_for_a_backward():
     assert w is not None and w.shape == q.shape and torch.isfinite(w).all() and torch.isfinite(stats).all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # y^p of a very negative y: -inf, then 0
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("p", [15.0, 3.0, 14.0], ids=lambda p: f"p{p:g}")
+def test_lssar_inference_forward_with_gpu_operands(dtype, p):
+    # the inference forward (no gradient) with the GPU's operand rounding: for odd p it applies the ReLU after
+    # rounding y^p to the half-precision operand (packed), for even p before the power; both within the GPU
+    # target of the float64 reference, and equal to the training forward (which forms y^(p-1)·y) up to rounding
+    q, k, v, _ = make_inputs(1, 2, 257, 257, 64, dtype, seed=9)
+    ref = reference.attention(q.double(), k.double(), v.double(), "lssar", True, p=p)
+    with tk.emulate_gpu_dots():
+        with torch.no_grad():
+            o = freeatten_core.attention(q, k, v, method="lssar", causal=True, p=p, backend="triton")
+        o_train = freeatten_core.attention(q, k, v.clone().requires_grad_(), method="lssar", causal=True, p=p,
+                                           backend="triton").detach()
+    assert_close("o (inference)", o, ref, 5e-3)
+    assert_close("o (inference vs training)", o, o_train.double(), 5e-3)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Grouped queries and sequence descriptors (padding, packed sequences)
 # --------------------------------------------------------------------------------------------------------

@@ -378,6 +378,11 @@ def _fwd_pass2_tile(b_q, k, v, o_i, o_j, Lk, off, b_a, b_b, ok, P, b_U, b_acc, b
         b_u = tl.where(ok[:, None], b_g * b_y, b_f)
         b_G += _row_sum(b_g, PV_DT)
         b_W += _dot(b_g, b_v, PV_DT)
+    elif P_INT > 0 and P_INT % 2 == 1 and PV_DT != 0:
+        # odd p keeps the sign of y, and rounding commutes with the ReLU: the power of y itself, rounded to the
+        # half-precision operand, then the ReLU on packed pairs (HMNMX2: half an instruction per element)
+        b_u = _operand(tl.where(ok[:, None], _pow(b_a[:, None] * b_f - b_b[:, None], P, P_INT), b_f), PV_DT)
+        b_u = tl.maximum(b_u, 0.0)
     else:
         b_u = tl.where(ok[:, None], _pow(b_y, P, P_INT), b_f)
     b_U += _row_sum(b_u, PV_DT)
