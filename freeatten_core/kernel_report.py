@@ -433,6 +433,52 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+CLASS_COLORS = {  # element math in colour, the rest in greys (see ELEMENT_MATH)
+    "fp32 fma/mul/add": "#1f77b4", "fp32 min/max/select/compare": "#17becf", "packed half arithmetic": "#9467bd",
+    "special fn (MUFU)": "#d62728", "conversion/pack": "#ff7f0e", "mma": "#555555", "memory": "#8c8c8c",
+    "integer/address": "#b0b0b0", "shuffle/reduce": "#c8c8c8", "control/sync": "#dcdcdc", "other": "#eeeeee"}
+
+
+def plot_loops(report: dict, ax=None, arch: str = "sm_90a", loop_kind: str = "full"):
+    """Stacked bars: instructions per element of each budgeted loop of kind ``loop_kind`` ("full" or "edge") and of
+    its yardstick loop, split into the instruction classes, with the target (max ratio × the yardstick) marked.
+    Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    rows = {r["kernel"]: r for r in report["rows"] if r["arch"] == arch and "error" not in r}
+    bars = []  # (label, loop dict, target or None)
+    for kernel, (ystick, loops) in BUDGETS.items():
+        if kernel not in rows or ystick not in rows:
+            continue
+        for loop, (yloop, ratio) in loops.items():
+            if not loop.endswith(loop_kind) or loop not in rows[kernel]["loops"]:
+                continue
+            y = rows[ystick]["loops"][yloop]
+            bars.append((f"{kernel} {loop}", rows[kernel]["loops"][loop], ratio * y["per_element"]))
+            if not bars or all(b[0] != f"{ystick} {yloop}" for b in bars):
+                bars.append((f"{ystick} {yloop}", y, None))
+    if ax is None:
+        ax = plt.subplots(figsize=(9, 0.42 * len(bars) + 1.2))[1]
+    classes = list(CLASS_COLORS)
+    for i, (label, loop, target) in enumerate(bars):
+        left = 0.0
+        for c in classes:
+            w = loop["classes_per_element"].get(c, 0.0)
+            if w:
+                ax.barh(i, w, left=left, color=CLASS_COLORS[c], edgecolor="white", linewidth=0.5,
+                        label=c if c not in ax.get_legend_handles_labels()[1] else None)
+                left += w
+        ax.text(left + 0.3, i, f"{loop['per_element']:.1f}", va="center", fontsize=8)
+        if target is not None:
+            ax.plot([target, target], [i - 0.42, i + 0.42], color="black", linewidth=1.5,
+                    label="target" if "target" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"SASS instructions per attention element ({arch}, {loop_kind} loops)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.09), ncol=4, frameon=False)
+    return ax
+
+
 def provenance(command: str) -> dict:
     import triton
 

@@ -108,3 +108,19 @@ def test_half_power_measurement_orders_the_roundings():
         err = mod.measure(dtype, L=128, D=32, heads=2, seed=0)
         assert err["float32"] < err["float16"] < err["bfloat16"], (dtype, err)
         assert err["float32"] < 2 ** -8, err  # no worse than one rounding of P to bfloat16
+
+
+def test_plot_loops_draws_each_budgeted_loop_and_its_yardstick():
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rep = json.loads((Path(__file__).resolve().parent.parent / "results/kernels/kernel_report.json").read_text())
+    ax = kr.plot_loops(rep)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    full = [f"{k} {loop}" for k, (_, loops) in kr.BUDGETS.items() for loop in loops if loop.endswith("full")]
+    assert set(full) <= set(labels) and {"softmax_fwd full", "softmax_bwd full"} <= set(labels), labels
+    assert len(labels) == len(set(labels))  # each yardstick once
+    assert len(ax.lines) == len(full)  # one target mark per budgeted loop
