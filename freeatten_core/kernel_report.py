@@ -458,7 +458,7 @@ def plot_loops(report: dict, ax=None, arch: str = "sm_90a", loop_kind: str = "fu
             if not bars or all(b[0] != f"{ystick} {yloop}" for b in bars):
                 bars.append((f"{ystick} {yloop}", y, None))
     if ax is None:
-        ax = plt.subplots(figsize=(9, 0.42 * len(bars) + 1.2))[1]
+        ax = plt.subplots(figsize=(7.5, 0.34 * len(bars) + 1.6))[1]
     classes = list(CLASS_COLORS)
     for i, (label, loop, target) in enumerate(bars):
         left = 0.0
@@ -475,7 +475,7 @@ def plot_loops(report: dict, ax=None, arch: str = "sm_90a", loop_kind: str = "fu
     ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(f"SASS instructions per attention element ({arch}, {loop_kind} loops)")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.09), ncol=4, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.4, -0.1), ncol=3, frameon=False)
     return ax
 
 
