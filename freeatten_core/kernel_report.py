@@ -9,7 +9,9 @@ inner loop the **instructions per attention element**: the SASS instructions bet
 target and the branch, divided by the elements one thread holds, ``BM·BN/(32·num_warps)``, and the special-
 function instructions (``MUFU.EX2``/``LG2``/``RCP``, ...) per element. The same figures are given for the
 softmax yardsticks of :mod:`freeatten_core.attention.yardstick_kernels` (same tiles and warps), and each LSSA
-kernel's loops are checked against a budget relative to the yardstick's (``BUDGETS``).
+kernel's loops are checked against a budget relative to the yardstick's (``BUDGETS``). Each budget verdict also
+splits the loop into its element math (``ELEMENT_MATH``) and the rest, and gives the ratio the loop would have if
+the rest cost what the yardstick's does: above the budget, the per-element arithmetic itself misses it.
 
 Compilation runs through ``triton.compile`` and Triton's ordinary cache (``TRITON_CACHE_DIR``). Triton decides at
 import whether it interprets kernels, so the compilation always runs in child processes with
