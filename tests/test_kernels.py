@@ -599,3 +599,18 @@ def test_every_launch_pins_the_compile_options(monkeypatch):
                 assert any(kw.arg is None and "COMPILE_OPTIONS" in ast.unparse(kw.value) for kw in node.keywords), \
                     f"{mod.__name__}: a launch without **COMPILE_OPTIONS: {ast.unparse(node)[:120]}"
     assert launches >= 9, launches
+
+
+def test_one_pass_backward_from_ampere_on(monkeypatch):
+    # the kernel report compiles the one-pass backward for sm_80 without spills in its loops and with fewer
+    # instructions per element than the two kernels together: Ampere and newer run it, older GPUs the two kernels
+    import types
+
+    cuda = types.SimpleNamespace(type="cuda")
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.delenv("FREEATTEN_DETERMINISTIC", raising=False)
+    for cap, expected in (((7, 5), False), ((8, 0), True), ((8, 6), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert tk._one_pass(cuda) is expected, cap
+    monkeypatch.setenv("FREEATTEN_DETERMINISTIC", "1")
+    assert tk._one_pass(cuda) is False

@@ -987,12 +987,13 @@ def deterministic_backward() -> bool:
 
 
 def _one_pass(device) -> bool:
-    """Whether the backward runs in one pass: unless :func:`deterministic_backward`, and on Hopper or newer (and in
-    the interpreter). Compiled for Ampere (sm_80) the one-pass kernel spills registers in the main tiles (kernel
-    report), so Ampere keeps the two kernels."""
+    """Whether the backward runs in one pass: unless :func:`deterministic_backward`, and on Ampere or newer (and in
+    the interpreter). Compiled for Ampere (sm_80) the one-pass kernel keeps 8 bytes of stack (4 spill instructions,
+    none in its loops) and its loops cost fewer instructions per element than the two kernels' together (kernel
+    report); GPUs before Ampere, which the report does not compile for, keep the two kernels."""
     if deterministic_backward():
         return False
-    return INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+    return INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, offset_rows: int, w=None,
@@ -1001,7 +1002,7 @@ def lssa_bwd(qs, ks, v, o, do, stats, reweight: bool, causal: bool, p: float, of
 
     One pass (:func:`lssa_bwd_kernel`, dq through float32 atomics) after a few per-row tensor operations here;
     LSSAR needs the forward's W (``lssa_fwd(..., grad=True)``). With :func:`deterministic_backward`, on GPUs older
-    than Hopper (:func:`_one_pass`), or without W, the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
+    than Ampere (:func:`_one_pass`), or without W, the two kernels: the dQ kernel (also writes w_i·D_i, R_i and, for LSSA, dO/Z), then the dK/dV kernel."""
     B, H, Lq, D = qs.shape
     Hk, Lk = ks.shape[1], ks.shape[2]
     lay = layout or Layout(qs.shape, ks.shape, None, causal, qs.device)
