@@ -295,6 +295,20 @@ def _query_range(n0, BM: tl.constexpr, BN: tl.constexpr, Lq, Lk, off, CAUSAL: tl
 
 
 @triton.jit
+def _query_tiles(n0, BM: tl.constexpr, BN: tl.constexpr, Lq, Lk, off, CAUSAL: tl.constexpr, EDGE: tl.constexpr):
+    # the query rows [start, end) of a key-side loop over keys [n0, n0 + BN): EDGE the edge tiles (masked), else the
+    # full ones (see _query_range); none for a key tile past the end of the sequence's keys
+    lo, mid = _query_range(n0, BM, BN, Lq, Lk, off, CAUSAL)
+    lo = tl.where(n0 < Lk, lo, Lq)
+    mid = tl.maximum(lo, mid)
+    if EDGE:
+        start, end = lo, mid
+    else:
+        start, end = mid, Lq
+    return start, end
+
+
+@triton.jit
 def _visible(o_i, o_j, Lk, off, CAUSAL: tl.constexpr):
     # [BM, BN] mask of the keys o_j that query rows o_i see
     vis = (o_j < Lk)[None, :] & (o_i >= 0)[:, None]
@@ -674,38 +688,23 @@ def lssa_bwd_dkdv_kernel(
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
-    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
-    lo = tl.where(i_n * BN < Lk, lo, Lq)  # a key tile past this sequence's end: no work
-    mid = tl.maximum(lo, mid)
-    n_e, n_f = tl.cdiv(mid - lo, BM), tl.cdiv(Lq - mid, BM)
-    # edge tiles, then full tiles (only the last may run past Lq), of the G query heads that read these keys.
-    # Grouped queries (GROUPED: G > 1) make each a loop over (head, tile): i0 runs over the tiles, and at the end of
-    # a head's tiles starts again for the next head (rows rr + LQ); G = 1 keeps the plain loops
-    if GROUPED:
-        i0, rr = lo, qr0
-        for _ in range(0, G * n_e):
-            b_dk, b_dv = _dkdv_tile(b_k, b_v, q + rr * D, qd + rr * D, do + rr * D, stats + rr, delta + rr,
-                                    rterm + rr, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
-                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
-            i0, rr = _next_tile(i0, rr, lo, mid, BM, LQ)
-        i0, rr = mid, qr0
-        for _ in range(0, G * n_f):
-            b_dk, b_dv = _dkdv_tile(b_k, b_v, q + rr * D, qd + rr * D, do + rr * D, stats + rr, delta + rr,
-                                    rterm + rr, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
-                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
-            i0, rr = _next_tile(i0, rr, mid, Lq, BM, LQ)
-    else:
-        q += qr0 * D
-        qd += qr0 * D
-        do += qr0 * D
-        for i0 in range(lo, mid, BM):
-            b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, stats + qr0, delta + qr0, rterm + qr0, n_rows,
-                                    i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
-                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
-        for i0 in range(mid, Lq, BM):
-            b_dk, b_dv = _dkdv_tile(b_k, b_v, q, qd, do, stats + qr0, delta + qr0, rterm + qr0, n_rows,
-                                    i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
-                                    D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
+    # edge tiles (MASKED), then full tiles (only the last may run past Lq), of the G query heads that read these
+    # keys. Grouped queries (GROUPED: G > 1) make each a loop over (head, tile): i0 runs over the tiles, and at the
+    # end of a head's tiles starts again for the next head (rows rr + LQ); G = 1 keeps plain loops
+    for phase in tl.static_range(2):
+        start, end = _query_tiles(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL, phase == 0)
+        if GROUPED:
+            i0, rr = start, qr0
+            for _ in range(0, G * tl.cdiv(end - start, BM)):
+                b_dk, b_dv = _dkdv_tile(b_k, b_v, q + rr * D, qd + rr * D, do + rr * D, stats + rr, delta + rr,
+                                        rterm + rr, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                        D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, phase == 0)
+                i0, rr = _next_tile(i0, rr, start, end, BM, LQ)
+        else:
+            for i0 in range(start, end, BM):
+                b_dk, b_dv = _dkdv_tile(b_k, b_v, q + qr0 * D, qd + qr0 * D, do + qr0 * D, stats + qr0, delta + qr0,
+                                        rterm + qr0, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                        D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, phase == 0)
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
@@ -795,37 +794,20 @@ def lssa_bwd_kernel(
 
     b_dk = tl.zeros([BN, D], dtype=tl.float32)
     b_dv = tl.zeros([BN, D], dtype=tl.float32)
-    lo, mid = _query_range(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL)
-    lo = tl.where(i_n * BN < Lk, lo, Lq)  # a key tile past this sequence's end: no work
-    mid = tl.maximum(lo, mid)
-    n_e, n_f = tl.cdiv(mid - lo, BM), tl.cdiv(Lq - mid, BM)
-    if GROUPED:  # edge tiles, then full tiles, of the G query heads that read these keys (see the dK/dV kernel)
-        i0, rr = lo, qr0
-        for _ in range(0, G * n_e):
-            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + rr * D, qd + rr * D, do + rr * D, rows + rr, dq + rr * D,
-                                   n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv, D,
-                                   CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, True)
-            i0, rr = _next_tile(i0, rr, lo, mid, BM, LQ)
-        i0, rr = mid, qr0
-        for _ in range(0, G * n_f):
-            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + rr * D, qd + rr * D, do + rr * D, rows + rr, dq + rr * D,
-                                   n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv, D,
-                                   CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, False)
-            i0, rr = _next_tile(i0, rr, mid, Lq, BM, LQ)
-    else:
-        q += qr0 * D
-        qd += qr0 * D
-        do += qr0 * D
-        dq += qr0 * D
-        rows += qr0
-        for i0 in range(lo, mid, BM):
-            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                                   off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT,
-                                   PRESCALE, True)
-        for i0 in range(mid, Lq, BM):
-            b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q, qd, do, rows, dq, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk,
-                                   off, P, b_dk, b_dv, D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT,
-                                   PRESCALE, False)
+    for phase in tl.static_range(2):  # edge tiles, then full tiles, of the G query heads (see the dK/dV kernel)
+        start, end = _query_tiles(i_n * BN, BM, BN, Lq, Lk, off, CAUSAL, phase == 0)
+        if GROUPED:
+            i0, rr = start, qr0
+            for _ in range(0, G * tl.cdiv(end - start, BM)):
+                b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + rr * D, qd + rr * D, do + rr * D, rows + rr, dq + rr * D,
+                                       n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv, D,
+                                       CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, phase == 0)
+                i0, rr = _next_tile(i0, rr, start, end, BM, LQ)
+        else:
+            for i0 in range(start, end, BM):
+                b_dk, b_dv = _bwd_tile(b_k, b_kd, b_v, q + qr0 * D, qd + qr0 * D, do + qr0 * D, rows + qr0,
+                                       dq + qr0 * D, n_rows, i0 + tl.arange(0, BM), o_j, Lq, Lk, off, P, b_dk, b_dv,
+                                       D, CAUSAL, REWEIGHT, PM1_INT, DEG, QK_DT, PV_DT, DS_DT, PRESCALE, phase == 0)
 
     tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_j[:, None])
     tl.store(dv + p_k, b_dv.to(dv.dtype.element_ty), mask=m_j[:, None])
