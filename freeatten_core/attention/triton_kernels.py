@@ -886,6 +886,13 @@ def _degree(dtype: torch.dtype) -> int:
     return 8 if dtype == torch.float32 else 4
 
 
+def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For segments of ``counts`` rows each, laid end to end: the segment of every row and its index within it."""
+    idx = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return idx, torch.arange(int(counts.sum()), device=counts.device) - starts[idx]
+
+
 class Layout:
     """How the rows of one call are laid out: q [B, H, LQ, D], k/v [B, H/G, LK, D] (G query heads per key head)
     and the sequence descriptors ``seqs`` int32 [S, 5] = (batch, q_start, q_end, k_start, k_end) on the device
@@ -908,14 +915,12 @@ class Layout:
         nq, nk = q1 - q0, k1 - k0
         self.seqs = seqs.to(device=device, dtype=torch.int32).contiguous()
         # N of every query row of every sequence, scattered into [B, LQ] without a loop over the sequences
-        idx = torch.repeat_interleave(torch.arange(len(sq), device=device), nq)
-        within = torch.arange(int(nq.sum()), device=device) - torch.repeat_interleave(torch.cumsum(nq, 0) - nq, nq)
+        idx, within = _segments(nq)
         n = (within + (nk - nq)[idx] + 1) if causal else nk[idx]
         self.N = torch.zeros(B, LQ, dtype=torch.float64, device=device)
         self.N[b[idx], q0[idx] + within] = n.to(torch.float64)
         self.q_rows = self.N > 0
-        kidx = torch.repeat_interleave(torch.arange(len(sq), device=device), nk)
-        kwithin = torch.arange(int(nk.sum()), device=device) - torch.repeat_interleave(torch.cumsum(nk, 0) - nk, nk)
+        kidx, kwithin = _segments(nk)
         self.k_rows = torch.zeros(B, LK, dtype=torch.bool, device=device)
         self.k_rows[b[kidx], k0[kidx] + kwithin] = True
         self.max_q, self.max_k = int(nq.max()), int(nk.max())
