@@ -306,10 +306,9 @@ def _half(dtype: torch.dtype) -> int:
 
 def _tiles(R: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BM, BN, num_warps). On a GPU: 16 folded rows per program (more rows are more row blocks, whose programs
-    read the same K/V tiles at the same time, mostly from L2) and key tiles that compile without register spills
-    for sm_90a (checked offline with ``triton.compile``: bfloat16 at D = 128, BN = 64 with 8 warps, 183 to 235
-    registers; at D = 64, 4 warps, 194; float32, whose exact dots run on the FMA units, BN = 16 at D = 128, 73;
-    D = 256 keeps an 8-byte stack frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
+    read the same K/V tiles at the same time, mostly from L2) and key tiles that compile for sm_90a without register
+    spills (the kernel report compiles them: ``python -m freeatten_core kernel-report --arch 90 --head-dim 64 128
+    256 --dtype bfloat16 float32``; float32 at D = 256 keeps an 8-byte stack frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
     with the number of programs and tile iterations, not with their size)."""
     if INTERPRET:
         return min(64, max(16, triton.next_power_of_2(R))), 16, 4
