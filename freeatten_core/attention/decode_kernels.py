@@ -307,8 +307,9 @@ def _half(dtype: torch.dtype) -> int:
 def _tiles(R: int, D: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BM, BN, num_warps). On a GPU: 16 folded rows per program (more rows are more row blocks, whose programs
     read the same K/V tiles at the same time, mostly from L2) and key tiles that compile for sm_90a without register
-    spills (the kernel report compiles them: ``python -m freeatten_core kernel-report --arch 90 --head-dim 64 128
-    256 --dtype bfloat16 float32``; float32 at D = 256 keeps an 8-byte stack frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
+    spills (compiled by the kernel report's ``build_report(head_dims=(64, 128, 256), dtypes=("bfloat16",
+    "float32"), only={"decode_lssar_round1", "decode_lssar_round2"})``; float32 at D = 256 keeps an 8-byte stack
+    frame). The interpreter: up to 64 rows and 16 keys per tile (its cost grows
     with the number of programs and tile iterations, not with their size)."""
     if INTERPRET:
         return min(64, max(16, triton.next_power_of_2(R))), 16, 4
