@@ -457,7 +457,7 @@ def plot_loops(report: dict, ax=None, arch: str = "sm_90a", loop_kind: str = "fu
                 continue
             y = rows[ystick]["loops"][yloop]
             bars.append((f"{kernel} {loop}", rows[kernel]["loops"][loop], ratio * y["per_element"]))
-            if not bars or all(b[0] != f"{ystick} {yloop}" for b in bars):
+            if all(b[0] != f"{ystick} {yloop}" for b in bars):  # each yardstick loop once
                 bars.append((f"{ystick} {yloop}", y, None))
     if ax is None:
         ax = plt.subplots(figsize=(7.5, 0.34 * len(bars) + 1.6))[1]
