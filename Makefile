@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed
 export TRITON_INTERPRET ?= 1
 
 export PYTHONHASHSEED ?= 0
+# Property tests draw the same examples on every run of the Makefile's targets (CI, the portability emulations):
+# a check must not pass or fail by the luck of the draw. `pytest` alone draws fresh examples (tests/conftest.py).
+export HYPOTHESIS_PROFILE ?= ci
 
 .PHONY: all book test test-unit test-notebooks test-portability venv clean gpu-kernels gpu-extrapolation reproduce
 

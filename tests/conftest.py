@@ -1,4 +1,5 @@
-"""Test configuration: deterministic hypothesis examples in CI, fresh random ones on developer machines."""
+"""Test configuration: deterministic hypothesis examples in CI and under the Makefile (HYPOTHESIS_PROFILE=ci), fresh
+random ones when pytest runs alone."""
 
 import os
 import sys
